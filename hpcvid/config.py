@@ -119,11 +119,12 @@ class PrepSpec:
     shards: ShardSpec = field(default_factory=ShardSpec)
     batch_size: int = 8                           # clips per encoder call
     decode_workers: int = 2                       # decoding threads that run ahead of the encoder
+    torch_threads: Optional[int] = None           # encoder threads; null: this rank's cores minus decode_workers
     decode_backend: Literal["auto", "decord", "pyav"] = "auto"
     progress: bool = True                         # tqdm bar per rank
 
     def validate(self, at: str) -> None:
-        _positive_or_none(self, at, "batch_size", "decode_workers")
+        _positive_or_none(self, at, "batch_size", "decode_workers", "torch_threads")
         if not self.buckets:
             raise _ValueProblem(f"{at}.buckets", "needs at least one [height, width]")
         for i, (h, w) in enumerate(self.buckets):

@@ -11,6 +11,7 @@ import pickle
 import re
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -301,7 +302,12 @@ class MPIComm(Comm):
         self._in_place = MPI.IN_PLACE
 
     def barrier(self) -> None:
-        self.comm.Barrier()
+        # MPICH's Barrier spins a core while it waits; a rank that finished its shards early would steal that core
+        # from the ranks still working beside it. Poll a non-blocking barrier and sleep instead (backing off to 50 ms).
+        request, pause = self.comm.Ibarrier(), 0.0005
+        while not request.Test():
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
     def broadcast(self, obj: Any, root: int = 0) -> Any:
         return self.comm.bcast(obj, root=root)

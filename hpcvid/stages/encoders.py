@@ -106,13 +106,18 @@ def load_text_encoder(spec: TextSpec, device: str = "cpu") -> Optional[TextEncod
     path = text_encoder_path(spec.encoder)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
     config = AutoConfig.from_pretrained(path)
-    model_cls = T5EncoderModel if getattr(config, "is_encoder_decoder", False) else AutoModel
+    if getattr(config, "is_encoder_decoder", False):   # T5-style: keep the encoder only (imported lazily: 4 s)
+        from transformers import T5EncoderModel as model_cls
+    else:
+        model_cls = AutoModel
     model = model_cls.from_pretrained(path, use_safetensors=(path / "model.safetensors").exists() or None)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return TextEncoder(tokenizer, model.eval().to(device), spec.max_tokens)
+    encoder = TextEncoder(tokenizer, model.eval().to(device), spec.max_tokens)
+    encoder(["warm-up"])   # transformers imports modules on first use (~3 s): pay it here, not in the first batch
+    return encoder

@@ -1,0 +1,1 @@
+"""Dataset acquisition helpers: synthetic test videos, real sample videos, manifests."""
