@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -63,12 +64,31 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"{args.job}: ok ({', '.join(sections) or 'no stage sections'})")
         return 0
     if args.command == "prep":
-        from hpcvid.dist import Env
         from hpcvid.stages import prep
 
-        prep.run(job.stage("prep", args.job), Env.discover())
-        return 0   # bad videos are data (failures.jsonl), not a failed job
+        return _run_stage(prep.run, job.stage("prep", args.job), args.command)
     raise AssertionError(f"unhandled command {args.command}")   # argparse restricts the choices
+
+
+def _run_stage(run, spec, command: str) -> int:
+    """Run a stage on this rank. If any rank of a multi-rank job fails, abort them all instead of hanging."""
+    from hpcvid.dist import Env, make_comm
+
+    env = Env.discover()
+    comm = make_comm(env)
+    try:
+        run(spec, env, comm)
+    except BaseException as e:
+        if comm.world_size <= 1:
+            raise
+        if isinstance(e, UserError):
+            print(f"hpcvid {command} (rank {env.rank}): {e}", file=sys.stderr)
+            comm.abort(EXIT_USER_ERROR)
+        traceback.print_exc()
+        print(f"hpcvid {command}: rank {env.rank} failed; aborting all {comm.world_size} ranks", file=sys.stderr)
+        comm.abort(1)
+    comm.close()
+    return 0   # bad videos are data (failures.jsonl), not a failed job
 
 
 def _inspect(folder: Path, verify: bool, as_json: bool) -> int:

@@ -221,6 +221,12 @@ class Comm(abc.ABC):
     def close(self) -> None:
         pass
 
+    def abort(self, code: int = 1) -> None:
+        """End every rank now: a rank that failed alone would otherwise leave the others waiting forever."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
     def all_reduce(self, x: Any, op: str = "sum") -> Any:
         """Numbers give numbers, numpy arrays give new arrays, tensors are reduced in place and returned."""
         if op not in OPS:
@@ -300,6 +306,11 @@ class MPIComm(Comm):
         self.rank, self.world_size = self.comm.Get_rank(), self.comm.Get_size()
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
         self._in_place = MPI.IN_PLACE
+
+    def abort(self, code: int = 1) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.comm.Abort(code)
 
     def barrier(self) -> None:
         # MPICH's Barrier spins a core while it waits; a rank that finished its shards early would steal that core

@@ -123,3 +123,27 @@ def test_torchrun_style_two_processes(tmp_path):
         assert res["env"] == [rank, 2, rank, 2, "torchrun"]
         assert res["destroyed"] is True
     assert_exercise(results, "torch", "TorchComm")
+
+
+ABORT_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+from hpcvid.cli import _run_stage
+
+def run(spec, env, comm):
+    if env.rank == 1:
+        raise RuntimeError("boom on rank 1")
+    comm.barrier()   # rank 0 would wait here forever if rank 1's failure did not end the job
+
+sys.exit(_run_stage(run, None, "test"))
+"""
+
+
+@needs_mpiexec
+def test_one_failing_rank_aborts_the_job_instead_of_hanging(tmp_path):
+    script = tmp_path / "abort.py"
+    script.write_text(ABORT_SCRIPT.format(root=str(Path(__file__).resolve().parents[2])))
+    proc = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, str(script)], env=clean_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "boom on rank 1" in proc.stderr and "aborting all 2 ranks" in proc.stderr
