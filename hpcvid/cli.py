@@ -3,6 +3,8 @@
     hpcvid check JOB.yaml [--set a.b=v ...]       validate a job file without running anything
     hpcvid prep JOB.yaml [--set a.b=v ...]        videos -> HDF5 latent shards (1 process, mpiexec ranks, or array tasks)
     hpcvid inspect DATASET_DIR [--verify] [--json]  summary of a prep dataset (--verify opens every shard)
+    hpcvid submit PIPELINE.yaml [--cluster slurm|local|processes|debug] [--only STAGE] [--wait]
+    hpcvid status RUN_DIR [--watch] | hpcvid cancel RUN_DIR | hpcvid retry RUN_DIR
 
 User errors (bad spec, unusable manifest, wrong folder) print one line and exit with status 2.
 """
@@ -11,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -34,6 +35,22 @@ def _parser() -> argparse.ArgumentParser:
     check = with_spec("check", "validate a job file (every section) without running anything")
     check.add_argument("--print", action="store_true", help="print the validated spec with defaults filled in")
     with_spec("prep", "turn videos into HDF5 latent shards")
+    submit = sub.add_parser("submit", help="submit a pipeline of stages (jobs/pipeline_*.yaml)")
+    submit.add_argument("pipeline", metavar="PIPELINE.yaml")
+    submit.add_argument("--cluster", default="slurm", choices=["slurm", "local", "processes", "debug"],
+                        help="slurm: submitit on SLURM; local: submitit local processes; processes: mpiexec / "
+                             "spawned ranks; debug: in this process (default: slurm)")
+    submit.add_argument("--only", action="append", metavar="STAGE", help="submit only these stages (repeatable)")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override a pipeline key, e.g. pipeline.stages.prep.resources.array_tasks=8")
+    submit.add_argument("--wait", action="store_true", help="after submitting, watch the status until done")
+    for name, text in (("status", "the state of a submitted run"), ("cancel", "cancel a run's active jobs"),
+                       ("retry", "resubmit a run's failed tasks and the stages after them")):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("run_dir", metavar="RUN_DIR")
+        if name == "status":
+            p.add_argument("--watch", action="store_true", help="refresh (backing off) until nothing is active")
+            p.add_argument("--json", action="store_true")
     inspect = sub.add_parser("inspect", help="summarise a prep dataset folder")
     inspect.add_argument("dataset", metavar="DATASET_DIR")
     inspect.add_argument("--verify", action="store_true", help="open every shard and check shapes and counts")
@@ -56,6 +73,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "inspect":
         return _inspect(Path(args.dataset), args.verify, args.json)
+    if args.command in ("submit", "status", "cancel", "retry"):
+        return _launch(args)
     job: JobSpec = load_job(args.job, args.overrides)
     if args.command == "check":
         sections = [name for name, value in vars(job).items() if value is not None]
@@ -70,23 +89,41 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(f"unhandled command {args.command}")   # argparse restricts the choices
 
 
+def _launch(args: argparse.Namespace) -> int:
+    from hpcvid.launch import rundir
+
+    if args.command == "submit":
+        run_dir = rundir.submit_pipeline(args.pipeline, args.cluster, args.only, tuple(args.overrides))
+        rows = rundir.watch(run_dir) if args.wait else rundir.status_rows(run_dir)
+        if not args.wait:
+            print(rundir.format_status(rows))
+        print(f"run folder: {run_dir}   (hpcvid status {run_dir})")
+        return 0 if all(r["state"] in rundir.ACTIVE | {"COMPLETED"} for r in rows) else 1
+    if args.command == "status":
+        rows = rundir.watch(args.run_dir) if args.watch else rundir.status_rows(args.run_dir)
+        if args.json:
+            print(json.dumps(rows, indent=1))
+        elif not args.watch:
+            print(rundir.format_status(rows))
+        return 0
+    if args.command == "cancel":
+        print(f"hpcvid cancel: {rundir.cancel(args.run_dir)} job(s) cancelled")
+        return 0
+    todo = rundir.retry(args.run_dir)
+    print(f"hpcvid retry: {', '.join(f'{k} {v}' for k, v in todo.items()) or 'nothing to retry'}")
+    return 0
+
+
 def _run_stage(run, spec, command: str) -> int:
-    """Run a stage on this rank. If any rank of a multi-rank job fails, abort them all instead of hanging."""
-    from hpcvid.dist import Env, make_comm
+    """Run a stage on this rank; if any rank of a multi-rank job fails, every rank is aborted instead of hanging."""
+    from hpcvid.dist import Env, fail_together, make_comm
 
     env = Env.discover()
     comm = make_comm(env)
     try:
         run(spec, env, comm)
     except BaseException as e:
-        if comm.world_size <= 1:
-            raise
-        if isinstance(e, UserError):
-            print(f"hpcvid {command} (rank {env.rank}): {e}", file=sys.stderr)
-            comm.abort(EXIT_USER_ERROR)
-        traceback.print_exc()
-        print(f"hpcvid {command}: rank {env.rank} failed; aborting all {comm.world_size} ranks", file=sys.stderr)
-        comm.abort(1)
+        fail_together(comm, env, e, f"hpcvid {command}")
     comm.close()
     return 0   # bad videos are data (failures.jsonl), not a failed job
 

@@ -502,3 +502,20 @@ def destroy_torch_distributed() -> None:
     dist = _torch().distributed
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def fail_together(comm: Comm, env: Env, error: BaseException, what: str) -> None:
+    """Called on a rank whose stage raised: alone, re-raise; in a multi-rank job, print and abort every rank
+    (exit 2 for a user error), because the other ranks would otherwise wait for this one forever."""
+    if comm.world_size <= 1:
+        raise error
+    from hpcvid.config import UserError
+
+    if isinstance(error, UserError):
+        print(f"{what} (rank {env.rank}): {error}", file=sys.stderr)
+        comm.abort(2)
+    import traceback
+
+    traceback.print_exception(error)
+    print(f"{what}: rank {env.rank} failed; aborting all {comm.world_size} ranks", file=sys.stderr)
+    comm.abort(1)

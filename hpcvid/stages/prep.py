@@ -235,6 +235,16 @@ def _resolve(row: mf.Row, path: Optional[Path], outcome: Any):
 
 # ---------------------------------------------------------------------------------------------------- summary
 
+def progress(spec: PrepSpec) -> str:
+    """Shards complete out of the dataset's total, from the markers on disk (for `hpcvid status`)."""
+    out = Path(spec.output)
+    identity = sh.read_json(out / "dataset.json")
+    if identity is None:
+        return "not started"
+    done = sum(1 for s in range(identity["num_shards"]) if sh.shard_done(out, s) is not None)
+    return f"{done}/{identity['num_shards']} shards"
+
+
 def format_summary(out: Path, index: dict[str, Any], env: Env, run_totals: list[int], seconds: float,
                    setup_seconds: float) -> str:
     written, skipped, rows, clips = run_totals
@@ -257,7 +267,8 @@ def format_summary(out: Path, index: dict[str, Any], env: Env, run_totals: list[
             where = f"   (details: {out / 'failures.jsonl'})" if status == "failed" else ""
             lines.append(f"  {status}: {counts}{where}")
     if not index["complete"]:
-        lines.append("  incomplete: rerun the same command to finish the missing shards")
+        lines.append("  incomplete: the other array tasks write the rest" if (env.array_task_count or 1) > 1
+                     else "  incomplete: rerun the same command to finish the missing shards")
     return "\n".join(lines)
 
 

@@ -1,0 +1,120 @@
+"""A stage as a picklable job: what every launcher (in-process, local processes, submitit local or SLURM) runs.
+
+`StageJob.__init__` only stores plain data (the stage name, its resolved spec as a dict, the run directory, the
+logical array task); `__call__` imports the heavy modules, works out the ranks, runs the stage and records its
+status. `checkpoint()` is submitit's requeue hook: every hpcvid stage resumes by itself (prep skips complete
+shards, training restarts from its latest checkpoint), so requeueing means resubmitting the same job unchanged.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+
+class StageJob:
+    def __init__(self, stage: str, spec: dict[str, Any], run_dir: str, array_task: Optional[int] = None,
+                 array_count: Optional[int] = None, source: str = "<pipeline>", cwd: Optional[str] = None):
+        self.stage, self.spec, self.run_dir = stage, spec, str(Path(run_dir).resolve())
+        self.array_task, self.array_count, self.source = array_task, array_count, source
+        self.cwd = cwd or os.getcwd()      # relative paths in the spec mean what they meant at submit time
+
+    # ------------------------------------------------------------------------------------------------ running
+
+    def __call__(self) -> dict[str, Any]:
+        from hpcvid.config import parse_spec, JobSpec
+        from hpcvid.dist import Env, fail_together, make_comm
+        from hpcvid.stages import get_stage
+
+        info = get_stage(self.stage)
+        os.chdir(self.cwd)
+        if self.array_task is not None:     # our logical task id survives `hpcvid retry` of a subset of tasks
+            os.environ["HPCVID_ARRAY_TASK_ID"] = str(self.array_task)
+            os.environ["HPCVID_ARRAY_TASK_COUNT"] = str(self.array_count)
+        _export_torch_rendezvous(info.comm)
+        env = Env.discover()
+        spec = parse_spec(JobSpec, {self.stage: self.spec}, self.source).stage(self.stage, self.source)
+        self._record(env, "RUNNING")
+        comm = make_comm(env)
+        try:
+            result = info.run(spec, env, comm)
+        except BaseException as e:
+            self._record(env, "FAILED", error=f"{type(e).__name__}: {e}".splitlines()[0],
+                         trace=traceback.format_exc(limit=8))
+            fail_together(comm, env, e, f"hpcvid {self.stage}")
+            raise
+        comm.close()
+        summary = _plain(result)
+        self._record(env, "COMPLETED", result=summary)
+        return summary
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        """submitit calls this on preemption or time limit: requeue the same job; the stage resumes itself."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self.with_task(self.array_task))
+
+    def with_task(self, array_task: Optional[int]) -> "StageJob":
+        return StageJob(self.stage, self.spec, self.run_dir, array_task, self.array_count, self.source, self.cwd)
+
+    # ------------------------------------------------------------------------------------------------ status
+
+    def status_path(self, rank: int) -> Path:
+        task = f"task{self.array_task:04d}" if self.array_task is not None else "job"
+        return Path(self.run_dir) / "status" / self.stage / f"{task}.rank{rank:04d}.json"
+
+    def _record(self, env, state: str, **extra: Any) -> None:
+        from hpcvid.data.shards import atomic_write_json
+
+        path = self.status_path(env.rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"stage": self.stage, "state": state, "array_task": self.array_task,
+                                 "rank": env.rank, "world_size": env.world_size, "host": socket.gethostname(),
+                                 "pid": os.getpid(), "job_id": env.job_id, "time": time.time(), **extra})
+
+    def __repr__(self) -> str:
+        task = "" if self.array_task is None else f", task {self.array_task}/{self.array_count}"
+        return f"StageJob({self.stage}{task}, run_dir={self.run_dir})"
+
+
+def _export_torch_rendezvous(comm_kind: str) -> None:
+    """Inside a multi-task submitit job without MPI, give torch.distributed its rendezvous variables.
+
+    MASTER_ADDR is the job's first node and MASTER_PORT is derived from the job id (submitit's helper), so every
+    task of the job agrees without talking first. Under srun with PMI, "mpi" stages use MPI instead.
+    """
+    if "RANK" in os.environ or "SUBMITIT_FOLDER" not in os.environ:
+        return
+    import submitit
+
+    job_env = submitit.JobEnvironment()
+    under_mpi = any(k in os.environ for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"))
+    if job_env.num_tasks > 1 and (comm_kind == "torch" or not under_mpi):
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def _plain(result: Any) -> dict[str, Any]:
+    """A stage result as JSON-able data (dataclass or dict)."""
+    import dataclasses
+
+    data = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else dict(result or {})
+    return json.loads(json.dumps(data, default=str))
+
+
+def run_pickled(path: str) -> int:
+    """Entry point for local multi-process launches: `python -m hpcvid.launch.job JOB.pkl` on every rank."""
+    import pickle
+
+    with open(path, "rb") as f:   # our own file, written by the launcher a moment ago
+        job = pickle.load(f)
+    job()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_pickled(sys.argv[1]))
