@@ -5,6 +5,7 @@
     hpcvid inspect DATASET_DIR [--verify] [--json]  summary of a prep dataset (--verify opens every shard)
     hpcvid submit PIPELINE.yaml [--cluster slurm|local|processes|debug] [--only STAGE] [--wait]
     hpcvid status RUN_DIR [--watch] | hpcvid cancel RUN_DIR | hpcvid retry RUN_DIR
+    hpcvid sbatch PIPELINE.yaml --out DIR        plain sbatch scripts of a pipeline, for admins
 
 User errors (bad spec, unusable manifest, wrong folder) print one line and exit with status 2.
 """
@@ -19,6 +20,7 @@ from typing import Optional
 from hpcvid.config import JobSpec, UserError, load_job, to_dict
 
 EXIT_USER_ERROR = 2
+STAGE_COMMANDS = ("prep", "selftest")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     check = with_spec("check", "validate a job file (every section) without running anything")
     check.add_argument("--print", action="store_true", help="print the validated spec with defaults filled in")
     with_spec("prep", "turn videos into HDF5 latent shards")
+    with_spec("selftest", "check ranks, rendezvous and requeue on an allocation (a tiny resumable job)")
     submit = sub.add_parser("submit", help="submit a pipeline of stages (jobs/pipeline_*.yaml)")
     submit.add_argument("pipeline", metavar="PIPELINE.yaml")
     submit.add_argument("--cluster", default="slurm", choices=["slurm", "local", "processes", "debug"],
@@ -44,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override a pipeline key, e.g. pipeline.stages.prep.resources.array_tasks=8")
     submit.add_argument("--wait", action="store_true", help="after submitting, watch the status until done")
+    sb = sub.add_parser("sbatch", help="write plain sbatch scripts for a pipeline (for admins)")
+    sb.add_argument("pipeline", metavar="PIPELINE.yaml")
+    sb.add_argument("--out", required=True, metavar="DIR", help="folder for <stage>.sbatch and submit_all.sh")
     for name, text in (("status", "the state of a submitted run"), ("cancel", "cancel a run's active jobs"),
                        ("retry", "resubmit a run's failed tasks and the stages after them")):
         p = sub.add_parser(name, help=text, description=text)
@@ -75,6 +81,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _inspect(Path(args.dataset), args.verify, args.json)
     if args.command in ("submit", "status", "cancel", "retry"):
         return _launch(args)
+    if args.command == "sbatch":
+        from hpcvid.launch.sbatch import render_pipeline
+
+        for path in render_pipeline(args.pipeline, Path(args.out)):
+            print(path)
+        return 0
     job: JobSpec = load_job(args.job, args.overrides)
     if args.command == "check":
         sections = [name for name, value in vars(job).items() if value is not None]
@@ -82,10 +94,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(json.dumps(to_dict(job), indent=2))
         print(f"{args.job}: ok ({', '.join(sections) or 'no stage sections'})")
         return 0
-    if args.command == "prep":
-        from hpcvid.stages import prep
+    if args.command in STAGE_COMMANDS:
+        from hpcvid.stages import get_stage
 
-        return _run_stage(prep.run, job.stage("prep", args.job), args.command)
+        return _run_stage(get_stage(args.command).run, job.stage(args.command, args.job), args.command)
     raise AssertionError(f"unhandled command {args.command}")   # argparse restricts the choices
 
 

@@ -134,9 +134,22 @@ class PrepSpec:
 
 
 @dataclass(frozen=True)
+class SelftestSpec:
+    """A cluster check: ranks rendezvous over torch.distributed, then a resumable loop of `steps` short steps."""
+    output: str                                   # folder for its checkpoint and report
+    steps: int = 5
+    step_seconds: float = 0.2
+    fail_at_step: Optional[int] = None            # raise at this step (to test failure handling)
+
+    def validate(self, at: str) -> None:
+        _positive_or_none(self, at, "steps")
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """A job file: one optional section per stage."""
     prep: Optional[PrepSpec] = None
+    selftest: Optional[SelftestSpec] = None
 
     def stage(self, name: str, source: str = "<spec>"):
         section = getattr(self, name, None)

@@ -18,6 +18,7 @@ job file later never changes a submitted pipeline.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -103,6 +104,8 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
         apply_override(raw, item, source)
     spec: PipelineSpec = parse_spec(PipelineSpec, raw["pipeline"], source, "pipeline")
     for name, entry in spec.stages.items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):   # names become file and shell variable names
+            raise SpecError(source, f"pipeline.stages.{name}", "a stage name must be letters, digits and _")
         kind = entry.stage or name
         if kind not in STAGES:
             raise SpecError(source, f"pipeline.stages.{name}.stage",

@@ -29,6 +29,7 @@ class StageInfo:
 
 STAGES: dict[str, StageInfo] = {
     "prep": StageInfo("prep", "hpcvid.stages.prep", comm="mpi", array=True, trains=False),
+    "selftest": StageInfo("selftest", "hpcvid.stages.selftest", comm="torch", array=False, trains=True),
 }
 
 
