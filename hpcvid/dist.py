@@ -311,6 +311,7 @@ class MPIComm(Comm):
         sys.stdout.flush()
         sys.stderr.flush()
         self.comm.Abort(code)
+        os._exit(code)   # MPICH's Abort can return on the calling rank; never go on past it
 
     def barrier(self) -> None:
         # MPICH's Barrier spins a core while it waits; a rank that finished its shards early would steal that core

@@ -8,10 +8,12 @@ Layouts (the real column names of the public releases):
 - webvid:  videoid, contentUrl, duration, page_dir, name   file: <root>/<videoid>.mp4 or <root>/<page_dir>/<videoid>.mp4
 - openvid: video, caption, aesthetic score, motion score, temporal consistency score, camera motion, frame, fps,
            seconds                                          file: <root>/<video>
-- folder:  every video file under the folder (sorted); caption from <name>.txt beside it, if any
+- folder:  every video file under the folder (sorted); caption from <name>.txt beside it, if any; video id = the
+           relative path without extension (with it, when two files share a stem)
 """
 from __future__ import annotations
 
+import collections
 import csv
 import os
 import re
@@ -83,7 +85,9 @@ def _folder_files(root: Path) -> list[Path]:
 
 def _iter_folder(spec: ManifestSpec, keep: Callable[[int], bool]) -> Iterator[Row]:
     root = Path(spec.path)
-    for index, path in enumerate(_folder_files(root)):
+    files = _folder_files(root)
+    stems = collections.Counter(p.relative_to(root).with_suffix("").as_posix() for p in files)
+    for index, path in enumerate(files):
         if spec.limit is not None and index >= spec.limit:
             return
         if not keep(index):
@@ -93,7 +97,9 @@ def _iter_folder(spec: ManifestSpec, keep: Callable[[int], bool]) -> Iterator[Ro
             caption = caption_file.read_text(encoding="utf-8", errors="replace").strip()
         except OSError:
             caption = ""
-        video_id = path.relative_to(root).with_suffix("").as_posix()
+        relative = path.relative_to(root)
+        stem = relative.with_suffix("").as_posix()
+        video_id = stem if stems[stem] == 1 else relative.as_posix()   # clip.mp4 + clip.mov: keep extensions
         yield Row(index, video_id, (str(path),), caption)
 
 

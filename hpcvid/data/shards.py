@@ -201,14 +201,19 @@ def shard_done(folder: Path, shard: int) -> Optional[dict]:
 
 
 def clear_partial(folder: Path, shard: int) -> None:
-    """Remove leftovers of an interrupted attempt at `shard` (its temporary files, a shard without marker)."""
+    """Remove leftovers of an interrupted attempt at `shard`: its torn temporaries (.h5 or marker), a shard
+    without marker."""
     name = shard_name(shard)
-    for leftover in folder.glob(f".{name}.h5.*.tmp"):
-        with contextlib.suppress(OSError):
-            leftover.unlink()
+    _remove_temporaries(folder, f".{name}.")
     if read_json(folder / f"{name}.json") is None:
         with contextlib.suppress(OSError):
             (folder / f"{name}.h5").unlink()
+
+
+def _remove_temporaries(folder: Path, prefix: str) -> None:
+    for leftover in folder.glob(f"{prefix}*.tmp"):
+        with contextlib.suppress(OSError):
+            leftover.unlink()
 
 
 @contextlib.contextmanager
@@ -226,6 +231,8 @@ def rebuild_index(folder: Path) -> dict[str, Any]:
     """Summarise every complete shard into index.json and failures.jsonl (atomic, idempotent, under a lock)."""
     folder = Path(folder)
     with _locked(folder):
+        for summary in ("index.json", "failures.jsonl"):   # only written under this lock: any temporary is torn
+            _remove_temporaries(folder, f".{summary}.")
         identity = read_json(folder / "dataset.json")
         if identity is None:
             raise UserError(f"{folder}: not an hpcvid dataset (no dataset.json)")

@@ -151,7 +151,8 @@ class Attention(nn.Module):
         check_shape(ctx, 3, "Attention context", "(B, M, C_ctx)", self.context_dim, dim=2)
         (B, N, _), M, h, d = x.shape, ctx.shape[1], self.heads, self.head_dim
         if ctx.shape[0] != B:
-            raise ValueError(f"Attention: context batch of shape {tuple(ctx.shape)} differs from queries {tuple(x.shape)}")
+            raise ValueError(f"Attention: context of shape {tuple(ctx.shape)} has another batch size than the "
+                             f"queries {tuple(x.shape)}")
         mask = None
         if key_padding_mask is not None:
             if key_padding_mask.shape != (B, M) or key_padding_mask.dtype != torch.bool:

@@ -299,8 +299,9 @@ class Decoder3d(nn.Module):
     def forward(self, z: torch.Tensor, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         cfg, S = self.config, self.config.spatial_downsample_steps
         h = self.conv_in(z)                                            # (B, C_S, T', H', W')
-        h = self.mid(h, self.content_at(feats, cfg.spatial_factor) if self.mid.cross is not None else None)
-        for i, level in zip(reversed(range(S + 1)), self.levels):     # h: (B, C_S, T', H', W') from the mid block
+        mid_content = self.content_at(feats, cfg.spatial_factor) if self.mid.cross is not None else None
+        h = self.mid(h, mid_content)                                   # (B, C_S, T', H', W')
+        for i, level in zip(reversed(range(S + 1)), self.levels):
             content = self.content_at(feats, cfg.level_factor(i)) if level.cross is not None else None
             h = level(h, content)                                      # (B, C_{i-1}, T_{i-1}, 2 H_i, 2 W_i)
         h = self.conv_out(F.silu(self.norm_out(h)))                    # (B, 3 p^2, T, H/p, W/p)
@@ -310,6 +311,12 @@ class Decoder3d(nn.Module):
 # ---------------------------------------------------------------------------------------------------- the VAE
 
 class ReducioVAE(nn.Module):
+    """3D encoder (video -> posterior), 2D content encoder (centre frame -> maps), 3D decoder (latent + maps).
+
+    Videos are float (B, 3, T, H, W) in [-1, 1] with T divisible by config.temporal_factor and H, W by
+    config.spatial_factor; use encode_tiled / decode_tiled for frames larger than the training size.
+    """
+
     def __init__(self, config: ReducioConfig):
         super().__init__()
         self.config = config
@@ -366,13 +373,14 @@ class ReducioVAE(nn.Module):
     def decode(self, z: torch.Tensor, content: ContentInput) -> torch.Tensor:
         """z (B, C_z, T', H', W') + content image (B, 3, H, W) or its encode_content maps -> video (B, 3, T, H, W)."""
         check_shape(z, 5, "Reducio-VAE latent", "(B, C_z, T', H', W')", self.config.latent_channels)
-        feats = self.encode_content(content) if isinstance(content, torch.Tensor) else list(content)
         fs = self.config.spatial_factor
         want = (z.shape[0], z.shape[-2] * fs, z.shape[-1] * fs)
-        if not feats or (feats[0].shape[0], *feats[0].shape[-2:]) != want:
-            got = tuple(feats[0].shape) if feats else "no maps"
-            raise ValueError(f"Reducio-VAE decode: latent {tuple(z.shape)} needs a content image of (B, H, W) = "
-                             f"{want}, got content maps starting {got}")
+        first = content if isinstance(content, torch.Tensor) else (content[0] if len(content) else None)
+        if first is None or first.ndim != 4 or (first.shape[0], *first.shape[-2:]) != want:
+            got = "no maps" if first is None else tuple(first.shape)
+            raise ValueError(f"Reducio-VAE decode: latent {tuple(z.shape)} needs a content image (or its first "
+                             f"content map) with (B, H, W) = {want}, got {got}")
+        feats = self.encode_content(content) if isinstance(content, torch.Tensor) else list(content)
         return self.decoder(z, feats)
 
     def forward(self, video: torch.Tensor, generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:

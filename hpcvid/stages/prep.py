@@ -39,6 +39,7 @@ class PrepResult:
     shards_total: int
     shards_written: int          # by this worker in this run
     shards_skipped: int          # already complete before this run
+    written: list[int]           # the shard numbers this worker wrote in this run
     rows: int                    # rows this worker processed in this run
     clips: int
     seconds: float
@@ -85,7 +86,7 @@ def run(spec: PrepSpec, env: Env, comm: Optional[Comm] = None) -> PrepResult:
     summary = format_summary(out, index, env, totals.tolist(), seconds, setup_seconds) if index else ""
     if env.is_main:
         print(summary, flush=True)
-    return PrepResult(str(out), total_shards, len(todo), len(mine) - len(todo), written_rows, written_clips,
+    return PrepResult(str(out), total_shards, len(todo), len(mine) - len(todo), todo, written_rows, written_clips,
                       round(seconds, 3), round(setup_seconds, 3), bool(index and index["complete"]), summary)
 
 
