@@ -45,3 +45,9 @@ def task_results(run_dir: Path, stage: str) -> list[dict]:
 def copy_videos(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def quickstart_overrides(tmp_path: Path, videos: Path) -> list[str]:
+    """Run the shipped jobs/pipeline_quickstart.yaml on `videos`, writing under tmp_path."""
+    sets = [f"prep.manifest.path={videos}", f"prep.output={tmp_path / 'latents'}", "prep.progress=false"]
+    return ["--set", f"pipeline.run_dir={tmp_path / 'runs'}", "--set", f"pipeline.stages.prep.set={json.dumps(sets)}"]

@@ -51,3 +51,14 @@ def test_failure_stops_dependents_and_retry_finishes(tmp_path, synthetic_videos,
     rows = status_rows(run_cli, run_dir)
     assert rows["prep"]["state"] == "COMPLETED" and rows["selftest"]["state"] == "COMPLETED"
     assert json.loads((run_dir / "run.json").read_text())["stages"]["prep"]["tasks"]["job"]["attempt"] == 2
+
+
+def test_shipped_quickstart_pipeline_on_submitit_local(tmp_path, synthetic_videos, run_cli):
+    from launch_helpers import quickstart_overrides
+
+    out = run_cli(["submit", "jobs/pipeline_quickstart.yaml", "--cluster", "local",
+                   *quickstart_overrides(tmp_path, synthetic_videos.folder)], timeout=400)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = status_rows(run_cli, run_dir_of(out.stdout))
+    assert rows and all(r["state"] == "COMPLETED" for r in rows.values()), rows
+    assert json.loads((tmp_path / "latents" / "index.json").read_text())["complete"]

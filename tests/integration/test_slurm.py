@@ -127,3 +127,14 @@ def test_requeued_job_resumes_from_its_checkpoint(tmp_path, synthetic_videos, ru
     report = json.loads((tmp_path / "selftest" / "selftest_report.json").read_text())
     assert report["restarts"] >= 1 and report["start_step"] >= 4, report     # resumed, did not start over
     wait_for(lambda: status_rows(run_cli, run_dir)["selftest"]["state"] == "COMPLETED", 60, "COMPLETED in sacct")
+
+
+def test_shipped_quickstart_pipeline_on_slurm(tmp_path, synthetic_videos, run_cli, slurm_cluster):
+    from launch_helpers import quickstart_overrides
+
+    out = run_cli(["submit", "jobs/pipeline_quickstart.yaml", "--cluster", "slurm", "--wait",
+                   *quickstart_overrides(tmp_path, synthetic_videos.folder)], timeout=400)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = status_rows(run_cli, run_dir_of(out.stdout))
+    assert rows and all(r["state"] == "COMPLETED" for r in rows.values()), rows
+    assert json.loads((tmp_path / "latents" / "index.json").read_text())["complete"]
