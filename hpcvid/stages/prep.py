@@ -134,6 +134,7 @@ class _ShardContext:
     def __init__(self, spec: PrepSpec, env: Env, encoder, text_encoder, total_rows: int):
         self.spec, self.env, self.encoder, self.text_encoder = spec, env, encoder, text_encoder
         self.total_rows = total_rows
+        self.clips_before = self.failed_before = 0     # earlier shards of this run, for the progress bar
         self.out = Path(spec.output)
 
     def _decode(self, path: Path):
@@ -187,7 +188,8 @@ class _ShardContext:
                             stats["clips"] += self._flush(writer, clip.bucket, batches.pop(clip.bucket))
                 bar.update(1)
                 pending = sum(len(b) for b in batches.values())
-                bar.set_postfix(clips=stats["clips"] + pending, failed=stats["failed"], refresh=False)
+                bar.set_postfix(clips=self.clips_before + stats["clips"] + pending,
+                                failed=self.failed_before + stats["failed"], refresh=False)
             for bucket in list(batches):
                 stats["clips"] += self._flush(writer, bucket, batches.pop(bucket))
             size = writer.commit()
@@ -201,6 +203,8 @@ class _ShardContext:
         if len(rows) != stats["done"] + stats["filtered"] + stats["failed"]:
             raise RuntimeError(f"{name}: row accounting broke ({len(rows)} rows vs {stats})")   # a bug, not input
         sh.atomic_write_json(self.out / f"{name}.json", marker)   # the completion marker, last
+        self.clips_before += stats["clips"]
+        self.failed_before += stats["failed"]
         return marker
 
     def _flush(self, writer: sh.ShardWriter, bucket: tuple[int, int], batch: list) -> int:
