@@ -85,6 +85,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "quickstart")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "prep_throughput.json")
     args = parser.parse_args(argv)
+    start_threads = torch.get_num_threads()     # the stage lowers it for its own run; report what we started with
 
     build_quickstart(args.data)
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,10 +108,11 @@ def main(argv=None) -> int:
     report = {
         "benchmark": "prep_throughput", "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads(), "python": platform.python_version()},
+                    "torch_threads_at_start": start_threads, "python": platform.python_version()},
         "config": {"job": os.path.relpath(args.job, ROOT), "overrides": args.overrides, "repeat": args.repeat,
                    "clips": n_clips, "num_frames": spec.clip.num_frames, "buckets": spec.buckets,
-                   "encoder": spec.encoder.kind, "text_encoder": spec.text.encoder},
+                   "encoder": spec.encoder.kind, "text_encoder": spec.text.encoder,
+                   "end_to_end_torch_threads": "cores minus decode workers (prep.torch_threads: null)"},
         "clips_per_s": {"decode_only": round(decode_rate, 2), "encode_only": round(encode_rate, 2),
                         **{f"end_to_end_workers_{w}": round(r, 2) for w, r in end_to_end.items()}},
         "ratios": {"encode_over_decode": round(encode_rate / decode_rate, 3),
