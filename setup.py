@@ -23,6 +23,7 @@ setup(
         "torch>=2.6",
         "numpy",
         "h5py",
+        "safetensors",   # model weights in checkpoints: no pickle
         "pyyaml",
         "tqdm",
         "submitit",

@@ -20,7 +20,7 @@ from typing import Optional
 from hpcvid.config import JobSpec, UserError, load_job, to_dict
 
 EXIT_USER_ERROR = 2
-STAGE_COMMANDS = ("prep", "selftest")
+STAGE_COMMANDS = ("prep", "selftest", "train-ae", "eval-ae")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--print", action="store_true", help="print the validated spec with defaults filled in")
     with_spec("prep", "turn videos into HDF5 latent shards")
     with_spec("selftest", "check ranks, rendezvous and requeue on an allocation (a tiny resumable job)")
+    with_spec("train-ae", "train a video autoencoder (Reducio-VAE or CMD) on decoded clips, resumable")
+    with_spec("eval-ae", "reconstruction PSNR/SSIM, compression and a contact sheet of a trained autoencoder")
     submit = sub.add_parser("submit", help="submit a pipeline of stages (jobs/pipeline_*.yaml)")
     submit.add_argument("pipeline", metavar="PIPELINE.yaml")
     submit.add_argument("--cluster", default="slurm", choices=["slurm", "local", "processes", "debug"],
@@ -97,7 +99,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in STAGE_COMMANDS:
         from hpcvid.stages import get_stage
 
-        return _run_stage(get_stage(args.command).run, job.stage(args.command, args.job), args.command)
+        stage = args.command.replace("-", "_")      # train-ae -> stage and section train_ae
+        return _run_stage(get_stage(stage).run, job.stage(stage, args.job), args.command)
     raise AssertionError(f"unhandled command {args.command}")   # argparse restricts the choices
 
 

@@ -89,13 +89,20 @@ class TextSpec:
 @dataclass(frozen=True)
 class EncoderSpec:
     """The latent written per clip. 'pixels' stores raw frames (downsampled by `downsample`) as uint8."""
-    kind: Literal["pixels"] = "pixels"
+    kind: Literal["pixels", "reducio", "cmd"] = "pixels"
     downsample: int = 1
     checkpoint: Optional[str] = None       # trained autoencoders (reducio, cmd) load from this local path
     device: str = "cpu"
 
     def validate(self, at: str) -> None:
         _positive_or_none(self, at, "downsample")
+        if self.kind in ("reducio", "cmd"):
+            if not self.checkpoint:
+                raise _ValueProblem(f"{at}.checkpoint", f"encoder kind '{self.kind}' needs the path of a train_ae "
+                                                        f"output folder or of one of its checkpoints/step-* folders")
+            if self.downsample != 1:
+                raise _ValueProblem(f"{at}.downsample", f"only applies to kind 'pixels', not '{self.kind}' "
+                                                         f"(got {self.downsample}); remove it")
 
 
 @dataclass(frozen=True)
@@ -145,11 +152,134 @@ class SelftestSpec:
         _positive_or_none(self, at, "steps")
 
 
+# ---------------------------------------------------------------------------------------------------- autoencoders
+
+@dataclass(frozen=True)
+class AEModelSpec:
+    """Which autoencoder: a family and a named size preset (hpcvid.models.reducio/cmd *_PRESETS); `overrides`
+    replaces single fields of the preset's config (e.g. {motion_channels: 16}), checked when the model is built."""
+    kind: Literal["reducio", "cmd"]
+    preset: Literal["tiny", "paper"] = "tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AEDataSpec:
+    """Clips for autoencoder training or evaluation: decoded from a manifest, or read from a `pixels` prep dataset.
+
+    Every clip is resized (cover + centre crop) to `resolution`; `include`/`exclude` are glob patterns on video ids
+    (e.g. to hold a video out of training and evaluate on it). Each rank decodes its share once and keeps it in
+    memory (3 T H W bytes a clip): `max_clips` bounds that for large datasets."""
+    source: Literal["manifest", "shards"] = "manifest"
+    manifest: Optional[ManifestSpec] = None
+    shards: Optional[str] = None                  # folder of a prep dataset written with encoder kind 'pixels'
+    clip: ClipSpec = field(default_factory=ClipSpec)
+    resolution: tuple[int, int] = (64, 64)        # (height, width)
+    include: Optional[list[str]] = None
+    exclude: Optional[list[str]] = None
+    max_clips: Optional[int] = None               # use about the first N clips (each rank keeps ceil(N / ranks))
+    decode_backend: Literal["auto", "decord", "pyav"] = "auto"
+
+    def validate(self, at: str) -> None:
+        _positive_or_none(self, at, "max_clips")
+        if self.source == "manifest" and (self.manifest is None or self.shards is not None):
+            raise _ValueProblem(f"{at}.manifest", "source 'manifest' needs a manifest: section and no shards: path")
+        if self.source == "shards" and (self.shards is None or self.manifest is not None):
+            raise _ValueProblem(f"{at}.shards", "source 'shards' needs a shards: folder and no manifest: section")
+        h, w = self.resolution
+        if h <= 0 or w <= 0:
+            raise _ValueProblem(f"{at}.resolution", f"must be positive [height, width], got [{h}, {w}]")
+
+
+@dataclass(frozen=True)
+class AELossSpec:
+    """Loss weights (METHODS.md §1). l1 is the mean absolute error per pixel; kl is the KL divergence summed over
+    a clip's latent and divided by its pixel count (so the weight means what the paper's 1e-6 means); ssim weighs
+    1 - SSIM per frame, the perceptual stand-in (no LPIPS/VGG weights offline); gan a hinge 3D PatchGAN with the
+    adaptive weight, from gan_start_step on."""
+    l1: float = 1.0
+    kl: float = 1e-6
+    ssim: float = 0.1
+    gan: float = 0.0
+    gan_start_step: int = 10001
+    disc_channels: int = 64
+    disc_layers: int = 3
+    disc_lr: Optional[float] = None               # null: the generator's lr
+    perceptual_weights: Optional[str] = None      # not supported (see validate)
+
+    def validate(self, at: str) -> None:
+        for name in ("l1", "kl", "ssim", "gan"):
+            if getattr(self, name) < 0:
+                raise _ValueProblem(f"{at}.{name}", f"must be >= 0, got {getattr(self, name)}")
+        if self.gan_start_step < 0:
+            raise _ValueProblem(f"{at}.gan_start_step", f"must be >= 0, got {self.gan_start_step}")
+        _positive_or_none(self, at, "disc_channels", "disc_layers", "disc_lr")
+        if self.perceptual_weights is not None:
+            raise _ValueProblem(f"{at}.perceptual_weights", "an LPIPS loss is not available in hpcvid (it needs "
+                                "pretrained VGG features); remove this key: SSIM (loss.ssim) is the perceptual "
+                                "stand-in")
+
+
+@dataclass(frozen=True)
+class TrainAESpec:
+    """Autoencoder training: `steps` optimizer steps of `batch_size` clips per rank, resumed from OUTPUT."""
+    model: AEModelSpec
+    data: AEDataSpec
+    output: str                                   # run folder: checkpoints/, metrics.jsonl, report, curves
+    steps: int = 1000
+    batch_size: int = 2                           # clips per rank per step
+    lr: float = 1e-4
+    warmup_steps: int = 0                         # linear warm-up from 0 to lr
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: Optional[float] = 1.0              # max global gradient norm; null: no clipping
+    loss: AELossSpec = field(default_factory=AELossSpec)
+    checkpoint_every: int = 500
+    keep_last: int = 3                            # complete checkpoints kept (older ones are deleted)
+    log_every: int = 10
+    probe_clips: int = 4                          # fixed clips whose PSNR/SSIM is measured at the start and end
+    seed: int = 0
+    parallel: Literal["ddp", "fsdp2"] = "ddp"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 autocast on CUDA, fp32 on CPU
+    torch_threads: Optional[int] = None           # null: this rank's share of the cores
+    progress: bool = True                         # tqdm bar on rank 0
+
+    def validate(self, at: str) -> None:
+        _positive_or_none(self, at, "steps", "batch_size", "lr", "checkpoint_every", "keep_last", "log_every",
+                          "probe_clips", "grad_clip", "torch_threads")
+        if self.warmup_steps < 0 or self.weight_decay < 0:
+            raise _ValueProblem(f"{at}.warmup_steps", "warmup_steps and weight_decay must be >= 0")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise _ValueProblem(f"{at}.betas", f"each beta must be in [0, 1), got {list(self.betas)}")
+        if self.loss.gan > 0 and self.parallel == "fsdp2":
+            raise _ValueProblem(f"{at}.loss.gan", "the GAN loss's adaptive weight needs parallel: ddp "
+                                                  "(fsdp2 shards the last decoder layer it reads)")
+
+
+@dataclass(frozen=True)
+class EvalAESpec:
+    """Reconstruction quality (PSNR, SSIM per clip and overall) and compression of a trained autoencoder."""
+    checkpoint: str                               # a train_ae output folder (its latest checkpoint) or a step-* folder
+    data: AEDataSpec
+    output: str                                   # folder for report.json and contact_sheet.png
+    batch_size: int = 2
+    contact_clips: int = 4                        # clips shown in the contact sheet (original row over reconstruction)
+    contact_frames: int = 8                       # frames per row, evenly spaced over the clip
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: Optional[int] = None
+
+    def validate(self, at: str) -> None:
+        _positive_or_none(self, at, "batch_size", "contact_clips", "contact_frames", "torch_threads")
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """A job file: one optional section per stage."""
     prep: Optional[PrepSpec] = None
     selftest: Optional[SelftestSpec] = None
+    train_ae: Optional[TrainAESpec] = None
+    eval_ae: Optional[EvalAESpec] = None
 
     def stage(self, name: str, source: str = "<spec>"):
         section = getattr(self, name, None)

@@ -19,8 +19,10 @@ from typing import Any, Optional
 
 class StageJob:
     def __init__(self, stage: str, spec: dict[str, Any], run_dir: str, array_task: Optional[int] = None,
-                 array_count: Optional[int] = None, source: str = "<pipeline>", cwd: Optional[str] = None):
+                 array_count: Optional[int] = None, source: str = "<pipeline>", cwd: Optional[str] = None,
+                 name: Optional[str] = None):
         self.stage, self.spec, self.run_dir = stage, spec, str(Path(run_dir).resolve())
+        self.name = name or stage          # the pipeline's name for this entry (two entries may run one stage)
         self.array_task, self.array_count, self.source = array_task, array_count, source
         self.cwd = cwd or os.getcwd()      # relative paths in the spec mean what they meant at submit time
 
@@ -60,26 +62,27 @@ class StageJob:
         return submitit.helpers.DelayedSubmission(self.with_task(self.array_task))
 
     def with_task(self, array_task: Optional[int]) -> "StageJob":
-        return StageJob(self.stage, self.spec, self.run_dir, array_task, self.array_count, self.source, self.cwd)
+        return StageJob(self.stage, self.spec, self.run_dir, array_task, self.array_count, self.source, self.cwd,
+                        self.name)
 
     # ------------------------------------------------------------------------------------------------ status
 
     def status_path(self, rank: int) -> Path:
         task = f"task{self.array_task:04d}" if self.array_task is not None else "job"
-        return Path(self.run_dir) / "status" / self.stage / f"{task}.rank{rank:04d}.json"
+        return Path(self.run_dir) / "status" / self.name / f"{task}.rank{rank:04d}.json"
 
     def _record(self, env, state: str, **extra: Any) -> None:
         from hpcvid.data.shards import atomic_write_json
 
         path = self.status_path(env.rank)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, {"stage": self.stage, "state": state, "array_task": self.array_task,
+        atomic_write_json(path, {"stage": self.name, "kind": self.stage, "state": state, "array_task": self.array_task,
                                  "rank": env.rank, "world_size": env.world_size, "host": socket.gethostname(),
                                  "pid": os.getpid(), "job_id": env.job_id, "time": time.time(), **extra})
 
     def __repr__(self) -> str:
         task = "" if self.array_task is None else f", task {self.array_task}/{self.array_count}"
-        return f"StageJob({self.stage}{task}, run_dir={self.run_dir})"
+        return f"StageJob({self.name}: {self.stage}{task}, run_dir={self.run_dir})"
 
 
 def _export_torch_rendezvous(comm_kind: str) -> None:

@@ -109,7 +109,7 @@ def _submit_stages(run_dir: Path, run: dict, planned: list[PlannedStage], todo: 
         count = stage.resources.array_tasks
         keys = todo[stage.name] or (["job"] if count == 1 else [str(i) for i in range(count)])
         jobs = [StageJob(stage.stage, stage.spec, str(run_dir), None if k == "job" else int(k),
-                         None if k == "job" else count, stage.source, run["cwd"]) for k in keys]
+                         None if k == "job" else count, stage.source, run["cwd"], stage.name) for k in keys]
         for key in keys:   # visible to `hpcvid status` while a blocking stage runs
             entry["tasks"][key] = {"job_id": "submitting", "attempt": entry["tasks"].get(key, {}).get("attempt", 0) + 1}
         _save(run_dir, run)

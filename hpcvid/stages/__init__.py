@@ -30,6 +30,8 @@ class StageInfo:
 STAGES: dict[str, StageInfo] = {
     "prep": StageInfo("prep", "hpcvid.stages.prep", comm="mpi", array=True, trains=False),
     "selftest": StageInfo("selftest", "hpcvid.stages.selftest", comm="torch", array=False, trains=True),
+    "train_ae": StageInfo("train_ae", "hpcvid.stages.train_ae", comm="torch", array=False, trains=True),
+    "eval_ae": StageInfo("eval_ae", "hpcvid.stages.eval_ae", comm="mpi", array=False, trains=False),
 }
 
 

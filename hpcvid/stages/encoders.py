@@ -3,6 +3,10 @@
 A prep encoder turns a batch of uint8 clips (B, T, H, W, 3) into latents (B, ...) plus optional per-clip extras
 (e.g. a content frame). It names itself, its config and the digest of its weights, so shards can record exactly
 what made them and a dataset never mixes two encoders.
+
+    pixels   raw frames (3, T, H/d, W/d) uint8
+    reducio  a train_ae checkpoint of a Reducio-VAE: latent (C_z, T/f_t, H/f_s, W/f_s) float16 + extras/content
+    cmd      a train_ae checkpoint of a CMD autoencoder: [z_x | z_y] (D, T, H/p + W/p) float16 + extras/content
 """
 from __future__ import annotations
 
@@ -63,9 +67,92 @@ class PixelEncoder:
         return EncodedBatch(np.ascontiguousarray(x.numpy()))
 
 
+class AutoencoderPrepEncoder:
+    """A trained autoencoder (a train_ae checkpoint: safetensors weights + meta.json) as a prep encoder.
+
+    `checkpoint` is a train_ae output folder (its latest complete checkpoint is used) or one step folder. The
+    digest is that of model.safetensors, so two datasets agree on an encoder exactly when their weights agree.
+    Latents are stored as float16; the content image each decoder needs is stored beside them as uint8.
+    """
+    name = "autoencoder"
+
+    def __init__(self, checkpoint: str, device: str = "cpu"):
+        from hpcvid.train.autoencoder import load_autoencoder
+
+        self.kind, self.cfg, self.model, meta = load_autoencoder(checkpoint, device)
+        if self.kind != self.name:
+            raise UserError(f"encoder.checkpoint: {meta['folder']} holds a {self.kind!r} model, not {self.name!r}; "
+                            f"set encoder.kind: {self.kind}")
+        self.folder, self.device, self.step = Path(meta["folder"]), device, meta["step"]
+        self._digest = file_digest(self.folder / "model.safetensors")
+
+    def config(self) -> dict:
+        from hpcvid.train.autoencoder import config_to_dict
+
+        return {"kind": self.name, "model": config_to_dict(self.cfg), "layout": self.layout}
+
+    def digest(self) -> str:
+        return self._digest
+
+    def latent_dtype(self) -> str:
+        return "float16"
+
+    def _check(self, num_frames: int, bucket: tuple[int, int]) -> None:
+        from hpcvid.train.autoencoder import check_clip_size
+
+        check_clip_size(self.kind, self.cfg, num_frames, bucket[0], bucket[1])
+
+    def _video(self, clips: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(clips).to(self.device).permute(0, 4, 1, 2, 3)      # (B, T, H, W, 3) -> (B, 3, T, H, W)
+        return x.float() / 127.5 - 1.0                                          # [-1, 1]
+
+
+class ReducioPrepEncoder(AutoencoderPrepEncoder):
+    """latents: the normalised posterior mean (C_z, T/f_t, H/f_s, W/f_s); extras/content: the centre frame."""
+    name = "reducio"
+    layout = ("latents = layer-normalised posterior mean (C_z, T/f_t, H/f_s, W/f_s) float16; "
+              "extras/content = the centre frame (index (T-1)//2), (3, H, W) uint8, which the decoder reads")
+
+    def latent_shape(self, num_frames: int, bucket: tuple[int, int]) -> tuple[int, ...]:
+        self._check(num_frames, bucket)
+        c = self.cfg
+        return (c.latent_channels, num_frames // c.temporal_factor, bucket[0] // c.spatial_factor,
+                bucket[1] // c.spatial_factor)
+
+    @torch.no_grad()
+    def encode(self, clips: np.ndarray) -> EncodedBatch:
+        mean, _ = self.model.encode(self._video(clips))                         # (B, C_z, T', H', W')
+        z = self.model.normalize_latent(mean)
+        content = clips[:, (clips.shape[1] - 1) // 2].transpose(0, 3, 1, 2)    # (B, 3, H, W) uint8
+        return EncodedBatch(z.to(torch.float16).cpu().numpy(), {"content": np.ascontiguousarray(content)})
+
+
+class CMDPrepEncoder(AutoencoderPrepEncoder):
+    """latents: z_x and z_y side by side (D, T, H/p + W/p); extras/content: the learned content frame as uint8."""
+    name = "cmd"
+    layout = ("latents = concat(z_x (D, T, H/p), z_y (D, T, W/p)) on the last axis, float16: [..., :H/p] is z_x, "
+              "[..., H/p:] is z_y; extras/content = the content frame x_bar, (3, H, W) uint8")
+
+    def latent_shape(self, num_frames: int, bucket: tuple[int, int]) -> tuple[int, ...]:
+        self._check(num_frames, bucket)
+        p = self.cfg.patch_size
+        return (self.cfg.motion_channels, num_frames, bucket[0] // p + bucket[1] // p)
+
+    @torch.no_grad()
+    def encode(self, clips: np.ndarray) -> EncodedBatch:
+        content, z_x, z_y = self.model.encode(self._video(clips))   # (B, 3, H, W), (B, D, T, H'), (B, D, T, W')
+        latents = torch.cat([z_x, z_y], dim=-1)                     # (B, D, T, H' + W')
+        frame = ((content.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)   # (B, 3, H, W)
+        return EncodedBatch(latents.to(torch.float16).cpu().numpy(), {"content": frame.cpu().numpy()})
+
+
 def build_prep_encoder(spec: EncoderSpec) -> PrepEncoder:
     if spec.kind == "pixels":
         return PixelEncoder(spec.downsample)
+    if spec.kind == "reducio":
+        return ReducioPrepEncoder(spec.checkpoint, spec.device)
+    if spec.kind == "cmd":
+        return CMDPrepEncoder(spec.checkpoint, spec.device)
     raise UserError(f"encoder.kind: {spec.kind!r} is not available")   # config validation lists the choices
 
 

@@ -6,3 +6,12 @@ here=slurm/quickstart
 prep=$(sbatch --parsable "$here/prep.sbatch")
 prep=${prep%%;*}
 echo "prep: job $prep"
+train_ae=$(sbatch --parsable "$here/train_ae.sbatch")
+train_ae=${train_ae%%;*}
+echo "train_ae: job $train_ae"
+eval_ae=$(sbatch --parsable --dependency=afterok:${train_ae} "$here/eval_ae.sbatch")
+eval_ae=${eval_ae%%;*}
+echo "eval_ae: job $eval_ae"
+prep_latents=$(sbatch --parsable --dependency=afterok:${train_ae} "$here/prep_latents.sbatch")
+prep_latents=${prep_latents%%;*}
+echo "prep_latents: job $prep_latents"

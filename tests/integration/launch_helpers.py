@@ -48,6 +48,28 @@ def copy_videos(src: Path, dst: Path) -> Path:
 
 
 def quickstart_overrides(tmp_path: Path, videos: Path) -> list[str]:
-    """Run the shipped jobs/pipeline_quickstart.yaml on `videos`, writing under tmp_path."""
-    sets = [f"prep.manifest.path={videos}", f"prep.output={tmp_path / 'latents'}", "prep.progress=false"]
-    return ["--set", f"pipeline.run_dir={tmp_path / 'runs'}", "--set", f"pipeline.stages.prep.set={json.dumps(sets)}"]
+    """Run the shipped jobs/pipeline_quickstart.yaml (every stage) on `videos`, writing under tmp_path, with a
+    4-step training budget so the test stays short."""
+    ae = tmp_path / "ae"
+    sets = {
+        "prep": [f"prep.manifest.path={videos}", f"prep.output={tmp_path / 'latents'}", "prep.progress=false"],
+        "train_ae": [f"train_ae.data.manifest.path={videos}", f"train_ae.output={ae}", "train_ae.steps=4",
+                     "train_ae.checkpoint_every=4", "train_ae.log_every=2", "train_ae.progress=false"],
+        "eval_ae": [f"eval_ae.data.manifest.path={videos}", f"eval_ae.checkpoint={ae}", f"eval_ae.output={ae / 'eval'}"],
+        "prep_latents": [f"prep.manifest.path={videos}", f"prep.encoder.checkpoint={ae}",
+                         f"prep.output={tmp_path / 'latents-reducio'}", "prep.progress=false"],
+    }
+    args = ["--set", f"pipeline.run_dir={tmp_path / 'runs'}"]
+    for stage, items in sets.items():
+        args += ["--set", f"pipeline.stages.{stage}.set={json.dumps(items)}"]
+    return args
+
+
+def check_quickstart_outputs(tmp_path: Path) -> None:
+    """Every stage of the quickstart pipeline left its product."""
+    for dataset in ("latents", "latents-reducio"):
+        index = json.loads((tmp_path / dataset / "index.json").read_text())
+        assert index["complete"] and index["totals"]["clips"] > 0, (dataset, index["totals"])
+    assert json.loads((tmp_path / "latents-reducio" / "dataset.json").read_text())["encoder"]["kind"] == "reducio"
+    report = json.loads((tmp_path / "ae" / "eval" / "report.json").read_text())
+    assert report and (tmp_path / "ae" / "eval" / "contact_sheet.png").stat().st_size > 1000

@@ -1,0 +1,465 @@
+"""The train_ae stage: train a Reducio-VAE or CMD autoencoder on decoded clips, data-parallel, resumable.
+
+Launch (the stage itself does not know which was used):
+    hpcvid train-ae jobs/tiny_reducio.yaml                               # one process
+    mpiexec -n 2 hpcvid train-ae jobs/tiny_reducio.yaml                  # 2 ranks (torch.distributed over gloo/NCCL)
+    torchrun --nproc-per-node 8 -m hpcvid.cli train-ae jobs/paper_reducio.yaml     # one GPU node
+    hpcvid submit PIPELINE.yaml --cluster slurm                          # as a pipeline stage (requeued on preemption)
+
+Each rank decodes its share of the videos (rows rank, rank + W, ...) once into memory and draws batches from it;
+the model is wrapped by DDP or FSDP2 from outside (hpcvid.train.distributed). A rerun resumes from the latest
+complete checkpoint in OUTPUT and, because every random draw is seeded by (seed, step, rank), continues exactly as
+the uninterrupted run would have. Rank 0 writes OUTPUT/metrics.jsonl, checkpoints, train_report.json and curves.png.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import statistics
+import time
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+import hpcvid
+from hpcvid.config import AEDataSpec, TrainAESpec, UserError, to_dict
+from hpcvid.data import manifest as mf
+from hpcvid.data import shards as sh
+from hpcvid.data.video import VideoError, read_clips
+from hpcvid.dist import Comm, Env, destroy_torch_distributed, init_torch_distributed, make_comm
+from hpcvid.train import checkpoint as ck
+from hpcvid.train.autoencoder import (build_model, check_clip_size, config_to_dict, count_parameters, last_layer,
+                                      model_config, reconstruct, train_pass)
+from hpcvid.train.distributed import full_state, load_full_state, parallelize
+from hpcvid.train.losses import PatchDiscriminator3d, adaptive_gan_weight, hinge_d_loss, ssim_loss
+from hpcvid.train.metrics import MetricsLog, curves_png, from_uint8, psnr, read_jsonl, ssim, to_uint8
+
+
+@dataclass
+class TrainAEResult:
+    output: str
+    kind: str
+    preset: str
+    world_size: int
+    start_step: int              # > 0 when this run resumed from a checkpoint
+    steps: int
+    clips: int                   # training clips over all ranks
+    seconds: float
+    seconds_per_step: Optional[float]      # median over this run's steps (checkpoint saving not included)
+    final_loss: Optional[float]
+    final_psnr: Optional[float]            # batch PSNR (dB) of the last logged interval
+    probe: dict[str, Any]                  # PSNR/SSIM of fixed clips at the start and the end of training
+    checkpoint: str
+    summary: str
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+@dataclass
+class ClipSet:
+    """Decoded clips of one rank: uint8 frames (N, T, H, W, 3) with their ids and global order keys."""
+    frames: torch.Tensor
+    ids: list[str]
+    order: list[tuple[int, int]]            # (position among the selected videos or clips, start frame)
+    videos: int                             # videos that gave at least one clip
+    problems: dict[str, int] = field(default_factory=dict)   # reason -> rows (or clips) that gave none
+
+
+def _selected(video_id: str, data: AEDataSpec) -> bool:
+    if data.include is not None and not any(fnmatch.fnmatchcase(video_id, p) for p in data.include):
+        return False
+    return not (data.exclude and any(fnmatch.fnmatchcase(video_id, p) for p in data.exclude))
+
+
+def load_clips(data: AEDataSpec, rank: int, world: int) -> ClipSet:
+    """This rank's clips (of the selected videos, rank::world), each resized and centre-cropped to data.resolution.
+
+    data.max_clips: shards keep exactly the first N clips; manifests stop each rank after ceil(N / world) clips.
+    Unusable videos are counted by reason, never raised."""
+    if data.source == "shards":
+        return _clips_from_shards(data, rank, world, data.max_clips)
+    return _clips_from_manifest(data, rank, world, None if data.max_clips is None else -(-data.max_clips // world))
+
+
+def _clips_from_manifest(data: AEDataSpec, rank: int, world: int, limit: Optional[int]) -> ClipSet:
+    rows = [r for r in mf.iter_manifest(data.manifest) if _selected(r.video_id, data)]
+    frames, ids, order, problems, videos = [], [], [], {}, 0
+    T, res = data.clip.num_frames, tuple(data.resolution)
+    for pos in range(rank, len(rows), world):
+        if limit is not None and len(frames) >= limit:
+            break
+        row = rows[pos]
+        path, problem = mf.check_row(row, data.manifest)
+        if problem is not None:
+            problems[problem.reason] = problems.get(problem.reason, 0) + 1
+            continue
+        try:
+            _, clips = read_clips(path, T, data.clip.fps, data.clip.clips_per_video, [res], backend=data.decode_backend)
+        except VideoError as e:
+            problems[e.reason] = problems.get(e.reason, 0) + 1
+            continue
+        videos += 1
+        for clip in clips[:None if limit is None else limit - len(frames)]:
+            frames.append(torch.from_numpy(clip.frames))                       # (T, H, W, 3)
+            ids.append(sh.clip_id(row.video_id, clip.start))
+            order.append((pos, clip.start))
+    stacked = torch.stack(frames) if frames else torch.empty((0, T, *res, 3), dtype=torch.uint8)
+    return ClipSet(stacked, ids, order, videos, problems)
+
+
+def _clips_from_shards(data: AEDataSpec, rank: int, world: int, limit: Optional[int]) -> ClipSet:
+    folder = Path(data.shards)
+    index = sh.read_json(folder / "index.json")
+    if index is None:
+        raise UserError(f"{folder}: data.shards: no index.json (not a prep dataset, or prep has not finished)")
+    if index["encoder"]["kind"] != "pixels" or index["encoder"].get("downsample", 1) != 1:
+        raise UserError(f"{folder}: data.shards: autoencoders train on pixels; this dataset holds "
+                        f"{json.dumps(index['encoder'])} latents (write one with prep encoder kind 'pixels', "
+                        f"downsample 1)")
+    want = [3, data.clip.num_frames, *data.resolution]
+    frames, ids, order, shapes, videos = [], [], [], {}, set()
+    position = -1
+    for clip in sh.iter_clips(folder):
+        shape = list(clip["latents"].shape)
+        if shape != want or not _selected(clip["video_id"], data):
+            key = "other_shape" if shape != want else "not_selected"
+            shapes[key] = shapes.get(key, 0) + 1
+            continue
+        position += 1
+        if limit is not None and position >= limit:
+            break
+        if position % world != rank:
+            continue
+        frames.append(torch.from_numpy(np.ascontiguousarray(clip["latents"])).permute(1, 2, 3, 0))   # (T, H, W, 3)
+        ids.append(clip["clip_id"])
+        order.append((position, int(clip["start_frame"])))
+        videos.add(clip["video_id"])
+    if position < 0:
+        buckets = ", ".join(f"{k}: {v}" for k, v in index.get("latent", {}).get("shapes", {}).items())
+        raise UserError(f"{folder}: data.shards: no clip of shape {want} (3 x clip.num_frames x resolution) among "
+                        f"the selected videos; the dataset holds {buckets or 'no clips'}")
+    stacked = torch.stack(frames) if frames else torch.empty((0, *want[1:], 3), dtype=torch.uint8)
+    return ClipSet(stacked, ids, order, len(videos), {k: v for k, v in shapes.items()})
+
+
+# ---------------------------------------------------------------------------------------------------- set-up
+
+def pick_device(choice: str, env: Env) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("device: 'cuda' asked for, but torch sees no GPU (use device: auto or cpu)")
+        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def cpu_threads(env: Env, asked: Optional[int]) -> int:
+    from hpcvid.stages.prep import encoder_threads
+
+    return asked or encoder_threads(env, 0)
+
+
+def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Sum a small CPU tensor over the ranks (NCCL reduces only GPU tensors); returns it on the CPU."""
+    t = t.to(device)
+    torch.distributed.all_reduce(t)
+    return t.cpu()
+
+
+def _seed(seed: int, step: int, rank: int) -> int:
+    """One generator seed per (run seed, step, rank): what makes resumed runs draw what uninterrupted ones did."""
+    return ((seed * 1_000_003 + step) * 10_007 + rank) % (2 ** 63)
+
+
+class _Trainer:
+    """The pieces of one training run (model, optimizers, data, logs), so the loop below stays readable."""
+
+    def __init__(self, spec: TrainAESpec, env: Env, comm: Comm, device: torch.device):
+        self.spec, self.env, self.comm, self.device = spec, env, comm, device
+        self.out = Path(spec.output)
+        self.kind = spec.model.kind
+        self.cfg = model_config(self.kind, spec.model.preset, spec.model.overrides)
+        self.T, (self.H, self.W) = spec.data.clip.num_frames, spec.data.resolution
+        check_clip_size(self.kind, self.cfg, self.T, self.H, self.W)
+        self.pixels_per_clip = 3 * self.T * self.H * self.W
+        self.bf16 = spec.precision == "bf16" or (spec.precision == "auto" and device.type == "cuda")
+
+        torch.manual_seed(spec.seed)             # identical initial weights on every rank
+        model = build_model(self.kind, self.cfg).to(device)
+        self.n_params = count_parameters(model)
+        wrap = env.world_size > 1 or spec.parallel == "fsdp2"
+        self.model = parallelize(model, spec.parallel, device) if wrap else model
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=spec.lr, betas=spec.betas,
+                                     weight_decay=spec.weight_decay)
+        self.disc = self.d_opt = None
+        if spec.loss.gan > 0:
+            smallest = 3 * 2 ** spec.loss.disc_layers     # each layer halves H and W; the last two convs need >= 2
+            if min(self.H, self.W) < smallest:
+                raise UserError(f"train_ae.loss.disc_layers={spec.loss.disc_layers} needs frames of at least "
+                                f"{smallest} pixels a side, resolution is {self.H}x{self.W}; use fewer layers")
+            disc = PatchDiscriminator3d(3, spec.loss.disc_channels, spec.loss.disc_layers).to(device)
+            self.disc = parallelize(disc, "ddp", device) if env.world_size > 1 else disc
+            self.d_opt = torch.optim.AdamW(self.disc.parameters(), lr=spec.loss.disc_lr or spec.lr, betas=(0.5, 0.9),
+                                           weight_decay=spec.weight_decay)
+
+    # ------------------------------------------------------------------------------------------------ state
+
+    def model_meta(self) -> dict[str, Any]:
+        m = self.spec.model
+        return {"kind": self.kind, "preset": m.preset, "overrides": m.overrides, "config": config_to_dict(self.cfg),
+                "clip": [self.T, self.H, self.W], "parameters": self.n_params}
+
+    def resume(self) -> tuple[int, Optional[dict]]:
+        """Load the latest complete checkpoint in OUTPUT, if any: (its step, its meta) or (0, None)."""
+        latest = ck.latest_checkpoint(self.out)
+        if latest is None:
+            return 0, None
+        meta = ck.read_meta(latest)
+        had = meta["model"]
+        if had["kind"] != self.kind or had["config"] != config_to_dict(self.cfg):
+            raise UserError(f"{latest}: this output folder holds a checkpoint of another model ({had['kind']} "
+                            f"{had.get('preset')}, config differs); choose a new train_ae.output or delete the folder")
+        load_full_state(self.model, self.opt, ck.load_weights(latest, "model"), ck.load_state(latest, "optimizer"))
+        if self.disc is not None and (latest / "discriminator.safetensors").exists():
+            load_full_state(self.disc, self.d_opt, ck.load_weights(latest, "discriminator"),
+                            ck.load_state(latest, "disc_optimizer"))
+        return int(meta["step"]), meta
+
+    def save(self, step: int, extra: dict[str, Any]) -> Path:
+        """Collective (FSDP2 gathers shards); rank 0 writes, prunes to keep_last; every rank waits for it."""
+        weights, optim = full_state(self.model, self.opt)
+        dweights = doptim = None
+        if self.disc is not None:
+            dweights, doptim = full_state(self.disc, self.d_opt)
+        folder = ck.step_dir(self.out, step)
+        if self.env.is_main:
+            tensors, states = {"model": weights}, {"optimizer": optim}
+            if dweights is not None:
+                tensors["discriminator"], states["disc_optimizer"] = dweights, doptim
+            meta = {"step": step, "model": self.model_meta(), "spec": to_dict(self.spec),
+                    "world_size": self.env.world_size, "parallel": self.spec.parallel,
+                    "hpcvid_version": hpcvid.__version__, **extra}
+            ck.save_checkpoint(folder, tensors, states, meta)
+            ck.prune_checkpoints(self.out, self.spec.keep_last)
+        torch.distributed.barrier()
+        return folder
+
+    # ------------------------------------------------------------------------------------------------ passes
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def lr_at(self, step: int) -> float:
+        if self.spec.warmup_steps and step < self.spec.warmup_steps:
+            return self.spec.lr * (step + 1) / self.spec.warmup_steps
+        return self.spec.lr
+
+    @torch.no_grad()
+    def probe(self, frames: torch.Tensor) -> dict[str, float]:
+        """Mean PSNR/SSIM of the reconstructions (quantised to uint8, as stored video would be) of fixed clips on
+        every rank. Collective: every rank calls it with its own probe clips."""
+        self.model.eval()
+        sums = torch.zeros(3, dtype=torch.float64)
+        for i in range(0, len(frames), self.spec.batch_size):
+            x = from_uint8(frames[i:i + self.spec.batch_size]).to(self.device)   # (b, 3, T, H, W)
+            with self.autocast():
+                recon = reconstruct(self.kind, self.model, x)
+            r = from_uint8(to_uint8(recon).permute(0, 2, 3, 4, 1))
+            sums += torch.tensor([psnr(r, x).sum().item(), ssim(r, x).sum().item(), len(x)], dtype=torch.float64)
+        self.model.train()
+        sums = all_reduce_sum(sums, self.device)
+        n = max(sums[2].item(), 1)
+        return {"psnr": round(sums[0].item() / n, 3), "ssim": round(sums[1].item() / n, 4), "clips": int(sums[2])}
+
+    def step(self, step: int, frames: torch.Tensor) -> dict[str, float]:
+        """One optimizer step (and one discriminator step once the GAN is on): the loss terms as floats."""
+        spec, loss_spec = self.spec, self.spec.loss
+        seed = _seed(spec.seed, step, self.env.rank)
+        idx = torch.randint(len(frames), (spec.batch_size,), generator=torch.Generator().manual_seed(seed))
+        x = from_uint8(frames[idx]).to(self.device, non_blocking=True)      # (B, 3, T, H, W) in [-1, 1]
+        noise = torch.Generator(device=self.device).manual_seed(seed + 1)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(step)
+        with self.autocast():
+            recon, kl = train_pass(self.kind, self.model, x, noise)
+        recon = recon.float()
+        l1 = (recon - x).abs().mean()
+        rec = loss_spec.l1 * l1
+        terms = {"l1": l1}
+        if kl is not None:
+            kl_mean = kl.mean()
+            rec = rec + loss_spec.kl * kl_mean / self.pixels_per_clip
+            terms["kl"] = kl_mean
+        if loss_spec.ssim > 0:
+            s = ssim_loss(recon, x)
+            rec = rec + loss_spec.ssim * s
+            terms["ssim"] = 1.0 - s
+        loss = rec
+        gan_on = self.disc is not None and step >= loss_spec.gan_start_step
+        if gan_on:
+            disc = getattr(self.disc, "module", self.disc)   # the generator pass must not touch DDP's reducer
+            disc.requires_grad_(False)
+            g_loss = -disc(recon).mean()
+            weight = adaptive_gan_weight(rec, g_loss, last_layer(self.kind, self.model)) * loss_spec.gan
+            loss = loss + weight * g_loss
+            terms.update(g_loss=g_loss, gan_weight=weight)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if spec.grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), spec.grad_clip)
+            terms["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        self.opt.step()
+        if gan_on:
+            getattr(self.disc, "module", self.disc).requires_grad_(True)
+            d_loss = hinge_d_loss(self.disc(x), self.disc(recon.detach()))
+            self.d_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.d_opt.step()
+            terms["d_loss"] = d_loss
+        terms.update(loss=loss, psnr=psnr(recon.detach(), x).mean())
+        return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- stage
+
+def run(spec: TrainAESpec, env: Env, comm: Optional[Comm] = None) -> TrainAEResult:
+    comm = comm or make_comm(env)
+    device = pick_device(spec.device, env)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(cpu_threads(env, spec.torch_threads))
+    owns_group = not torch.distributed.is_initialized()
+    init_torch_distributed(env, comm, backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _run(spec, env, comm, device)
+    finally:
+        if owns_group:
+            destroy_torch_distributed()
+
+
+def _run(spec: TrainAESpec, env: Env, comm: Comm, device: torch.device) -> TrainAEResult:
+    start = time.time()
+    out = Path(spec.output)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = _Trainer(spec, env, comm, device)
+    start_step, meta = trainer.resume()
+
+    clips = load_clips(spec.data, env.rank, env.world_size)
+    counts = comm.all_gather((len(clips.frames), clips.videos, clips.problems))
+    if any(n == 0 for n, _, _ in counts):
+        empty = [r for r, (n, _, _) in enumerate(counts) if n == 0]
+        raise UserError(f"train_ae.data: rank(s) {empty} got no clips ({sum(v for _, v, _ in counts)} usable "
+                        f"videos for {env.world_size} ranks; problems: {_merge([p for _, _, p in counts]) or 'none'}); "
+                        f"add videos, lower clip.num_frames, or use fewer ranks")
+    total_clips = sum(n for n, _, _ in counts)
+    if env.is_main and device.type == "cpu" and spec.device == "auto":
+        print("hpcvid train-ae: no GPU visible: training on the CPU in fp32", file=sys.stderr, flush=True)
+    # the same number of probe clips on every rank: under FSDP2 each forward pass is a collective
+    probe_frames = clips.frames[:min(spec.probe_clips, *(n for n, _, _ in counts))]
+    probe_start = meta.get("probe_start") if meta else trainer.probe(probe_frames)
+
+    log = MetricsLog(out / "metrics.jsonl", resume_step=start_step if meta else None) if env.is_main else None
+    bar = None
+    if env.is_main and spec.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=spec.steps, initial=start_step, unit="step", desc=f"train-ae {trainer.kind}",
+                   dynamic_ncols=True, mininterval=1.0)
+    sums: dict[str, float] = {}
+    n_sum, times, last = 0, [], None
+    folder = ck.latest_checkpoint(out)
+    extra = {"probe_start": probe_start, "data": {"clips": total_clips, "clip": [trainer.T, trainer.H, trainer.W]}}
+    for step in range(start_step, spec.steps):
+        t = time.perf_counter()
+        terms = trainer.step(step, clips.frames)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t)
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v
+        n_sum += 1
+        done = step + 1
+        if done % spec.log_every == 0 or done == spec.steps:
+            keys = sorted(sums)
+            mean = torch.tensor([sums[k] / n_sum for k in keys], dtype=torch.float64)
+            mean = all_reduce_sum(mean, device)
+            last = {"step": done, **{k: round(v / env.world_size, 6) for k, v in zip(keys, mean.tolist())},
+                    "lr": trainer.lr_at(step), "sec_per_step": round(statistics.mean(times[-n_sum:]), 4),
+                    "time": round(time.time() - start, 2)}
+            if log is not None:
+                log.write(last)
+            if bar is not None:
+                bar.set_postfix(loss=f"{last['loss']:.4f}", psnr=f"{last['psnr']:.2f}", refresh=False)
+            sums, n_sum = {}, 0
+        if bar is not None:
+            bar.update(1)
+        if done % spec.checkpoint_every == 0 or done == spec.steps:
+            folder = trainer.save(done, {**extra, "metrics": last})
+    if bar is not None:
+        bar.close()
+    probe_end = trainer.probe(probe_frames)
+    seconds = time.time() - start
+    probe = {"clips": probe_end["clips"], "start": probe_start, "end": probe_end}
+    if last is None and env.is_main and (out / "metrics.jsonl").exists():
+        records = read_jsonl(out / "metrics.jsonl")
+        last = records[-1] if records else None
+    result = TrainAEResult(
+        str(out), trainer.kind, spec.model.preset, env.world_size, start_step, spec.steps, total_clips,
+        round(seconds, 2), round(statistics.median(times), 4) if times else None,
+        last["loss"] if last else None, last["psnr"] if last else None, probe, str(folder), "")
+    result.summary = format_summary(result, trainer, clips, counts, device)
+    if env.is_main:
+        sh.atomic_write_json(out / "train_report.json", {**asdict(result), "model": trainer.model_meta()})
+        curves_png(read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else [], out / "curves.png")
+        print(result.summary, flush=True)
+    return result
+
+
+def _merge(problems: list[dict[str, int]]) -> str:
+    merged: dict[str, int] = {}
+    for p in problems:
+        for k, v in p.items():
+            merged[k] = merged.get(k, 0) + v
+    return ", ".join(f"{k} {v}" for k, v in sorted(merged.items()))
+
+
+def format_summary(r: TrainAEResult, trainer: _Trainer, clips: ClipSet, counts: list, device: torch.device) -> str:
+    spec = trainer.spec
+    videos = sum(v for _, v, _ in counts)
+    problems = _merge([p for _, _, p in counts])
+    precision = "bf16 autocast" if trainer.bf16 else "fp32"
+    p0, p1 = r.probe.get("start") or {}, r.probe["end"]
+    lines = [
+        f"train-ae: {r.output}  ({r.kind} {r.preset}, {trainer.n_params / 1e6:.2f}M parameters, {r.world_size} "
+        f"rank{'s' if r.world_size > 1 else ''} {spec.parallel if r.world_size > 1 else 'single'} on "
+        f"{device.type}, {precision})",
+        f"  data: {r.clips} clips of {trainer.T}x{trainer.H}x{trainer.W} from {videos} videos"
+        f"{'; without clips: ' + problems if problems else ''}",
+    ]
+    if r.seconds_per_step is not None:
+        lines.append(f"  steps {r.start_step} -> {r.steps} in {r.seconds:.1f} s: {r.seconds_per_step:.3f} s/step "
+                     f"(median), batch {spec.batch_size} x {r.world_size} rank(s); last loss {r.final_loss:.4f}, "
+                     f"batch PSNR {r.final_psnr:.2f} dB")
+    else:
+        lines.append(f"  already at step {r.start_step} (train_ae.steps {r.steps}): nothing to do; raise "
+                     f"train_ae.steps to go on")
+    if p0:
+        lines.append(f"  probe ({p1['clips']} fixed clips, eval mode): PSNR {p0['psnr']:.2f} -> {p1['psnr']:.2f} dB, "
+                     f"SSIM {p0['ssim']:.3f} -> {p1['ssim']:.3f}")
+    lines.append(f"  checkpoint {r.checkpoint}; metrics {Path(r.output) / 'metrics.jsonl'}; curves "
+                 f"{Path(r.output) / 'curves.png'}")
+    return "\n".join(lines)
+
+
+def progress(spec: TrainAESpec) -> str:
+    """Step of the latest complete checkpoint out of train_ae.steps (for `hpcvid status`)."""
+    latest = ck.latest_checkpoint(spec.output)
+    if latest is None:
+        return "not started" if not (Path(spec.output) / "metrics.jsonl").exists() else "no checkpoint yet"
+    step = ck.read_meta(latest)["step"]
+    return f"step {step}/{spec.steps}" + (" (done)" if step >= spec.steps else "")
+

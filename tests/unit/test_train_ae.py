@@ -1,0 +1,353 @@
+"""Autoencoder training pieces: metrics and losses, checkpoints, PNGs, specs, compression figures, prep encoders.
+
+Everything here runs in this process on tiny inputs; the stages end to end are in tests/integration/test_train_ae_e2e.py.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import av
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from hpcvid.config import SpecError, UserError, load_job
+from hpcvid.stages.encoders import CMDPrepEncoder, ReducioPrepEncoder, build_prep_encoder, file_digest
+from hpcvid.train import checkpoint as ck
+from hpcvid.train.autoencoder import (build_model, check_clip_size, compression, config_to_dict, load_autoencoder,
+                                      model_config, reconstruct, train_pass)
+from hpcvid.train.distributed import full_state, load_full_state
+from hpcvid.train.losses import PatchDiscriminator3d, adaptive_gan_weight, hinge_d_loss, kl_per_clip, ssim_loss
+from hpcvid.train.metrics import (MetricsLog, contact_sheet, curves_png, png_bytes, psnr, read_jsonl, read_png_size,
+                                  ssim, write_png)
+
+
+def rand_video(*shape, seed=0) -> torch.Tensor:
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def decode_png(path) -> np.ndarray:
+    """A PNG decoded by FFmpeg (PyAV), not by our writer's code."""
+    with av.open(str(path)) as container:
+        return next(container.decode(video=0)).to_ndarray(format="rgb24")
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+
+def test_psnr_matches_the_formula():
+    x = torch.zeros(2, 3, 4, 8, 8)
+    y = x.clone()
+    y[0] += 0.1                                              # MSE 0.01 in [-1, 1]: 10 log10(2^2 / 0.01)
+    y[1] += 0.5                                              # MSE 0.25
+    got = psnr(y, x)
+    assert got.shape == (2,)
+    assert got[0].item() == pytest.approx(10 * math.log10(4 / 0.01), abs=1e-4)
+    assert got[1].item() == pytest.approx(10 * math.log10(4 / 0.25), abs=1e-4)
+    # the same as the uint8 convention: peak 255 over the 0..255 values
+    a, b = ((x + 1) * 127.5), ((y + 1) * 127.5)
+    mse = ((a - b) ** 2).flatten(1).mean(1)
+    assert torch.allclose(got, 10 * torch.log10(255 ** 2 / mse), atol=1e-3)
+
+
+def test_ssim_is_one_for_identical_and_falls_with_noise():
+    x = rand_video(2, 3, 4, 32, 32).clamp(-1, 1)
+    x = torch.nn.functional.avg_pool3d(x, (1, 3, 3), 1, (0, 1, 1))   # some structure, not pure noise
+    assert torch.allclose(ssim(x, x), torch.ones(2), atol=1e-5)
+    values = [ssim((x + s * rand_video(*x.shape, seed=1)).clamp(-1, 1), x).mean().item() for s in (0.05, 0.2, 0.6)]
+    assert values[0] > values[1] > values[2], values
+    assert values[0] < 1.0 and values[2] < 0.5
+    assert ssim(x[:, :, 0], x[:, :, 0]).shape == (2,)       # images (B, C, H, W) too
+    x.requires_grad_(True)                                   # and differentiable: the loss uses it
+    ssim_loss(x * 0.5, x.detach()).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_ssim_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="share"):
+        ssim(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 9))
+
+
+def test_kl_hinge_discriminator_and_adaptive_weight():
+    mean, logvar = torch.zeros(2, 4, 1, 2, 2), torch.zeros(2, 4, 1, 2, 2)
+    assert torch.equal(kl_per_clip(mean, logvar), torch.zeros(2))               # the prior itself: KL 0
+    assert kl_per_clip(mean + 1, logvar)[0].item() == pytest.approx(0.5 * 16)   # 0.5 * sum(mu^2)
+    disc = PatchDiscriminator3d(3, channels=8, layers=3)
+    logits = disc(rand_video(2, 3, 4, 32, 32))
+    assert logits.shape[:2] == (2, 1) and logits.shape[2] == 4                  # T kept, space reduced to patches
+    assert hinge_d_loss(torch.full((4,), 2.0), torch.full((4,), -2.0)).item() == 0.0   # confident and right
+    assert hinge_d_loss(torch.zeros(4), torch.zeros(4)).item() == pytest.approx(1.0)
+    layer = torch.nn.Conv3d(3, 3, 1)
+    out = layer(rand_video(1, 3, 2, 32, 32))
+    w = adaptive_gan_weight(out.abs().mean(), -disc(out).mean(), layer.weight)
+    assert w.ndim == 0 and 0 < w.item() <= 1e4 and not w.requires_grad
+
+
+# ---------------------------------------------------------------------------------------------------- PNG, logs
+
+def test_png_round_trips_through_ffmpeg(tmp_path):
+    image = np.random.default_rng(0).integers(0, 256, (17, 23, 3), dtype=np.uint8)
+    write_png(tmp_path / "a.png", image)
+    assert read_png_size(tmp_path / "a.png") == (17, 23)
+    assert np.array_equal(decode_png(tmp_path / "a.png"), image)
+    assert png_bytes(np.zeros((4, 5), np.uint8)).startswith(b"\x89PNG")
+    with pytest.raises(ValueError):
+        png_bytes(np.zeros((4, 5, 3), np.float32))
+
+
+def test_contact_sheet_puts_originals_over_reconstructions(tmp_path):
+    original = np.zeros((8, 16, 16, 3), np.uint8)
+    original[..., 0] = 200                                   # red clip
+    recon = np.zeros_like(original)
+    recon[..., 2] = 200                                      # blue reconstruction
+    sheet = contact_sheet([(original, recon), (original, recon)], frames=4, min_frame=32)
+    k = 2                                                    # 16 px frames enlarged to 32
+    assert sheet.dtype == np.uint8 and sheet.shape[1] == 4 * (16 * k + 2) - 2 + 2 * 8
+    top, bottom = sheet[8 + 5, 8 + 5], sheet[8 + 16 * k + 2 + 5, 8 + 5]
+    assert tuple(top) == (200, 0, 0) and tuple(bottom) == (0, 0, 200)
+    write_png(tmp_path / "sheet.png", sheet)
+    assert np.array_equal(decode_png(tmp_path / "sheet.png"), sheet)
+
+
+def test_metrics_log_drops_redone_steps_on_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path)
+    for step in (10, 20, 30):
+        log.write({"step": step, "loss": 1.0 / step})
+    with open(path, "a") as f:
+        f.write('{"step": 40, "lo')                          # a torn last line from a crash
+    MetricsLog(path, resume_step=20)                         # resumed from the step-20 checkpoint
+    assert [r["step"] for r in read_jsonl(path)] == [10, 20]
+    MetricsLog(path)                                         # a fresh run starts a fresh log
+    assert not path.exists()
+    curves_png([{"step": s, "loss": 1.0 / s, "l1": 0.5 / s, "psnr": 10 + s / 10} for s in (10, 20, 30)],
+               tmp_path / "curves.png")
+    assert decode_png(tmp_path / "curves.png").shape == (300, 960, 3)
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+def trained_pair(kind: str, seed: int = 0):
+    """A tiny model and its AdamW after two steps on random clips."""
+    torch.manual_seed(seed)
+    model = build_model(kind, model_config(kind, "tiny"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step in range(2):
+        recon, _ = train_pass(kind, model, rand_video(1, 3, 4, 16, 16, seed=step), torch.Generator().manual_seed(1))
+        opt.zero_grad()
+        recon.abs().mean().backward()
+        opt.step()
+    return model, opt
+
+
+def save(folder, kind, model, opt, step=2):
+    weights, optim = full_state(model, opt)
+    meta = {"step": step, "model": {"kind": kind, "preset": "tiny", "overrides": {},
+                                    "config": config_to_dict(model.config)}}
+    return ck.save_checkpoint(folder, {"model": weights}, {"optimizer": optim}, meta)
+
+
+@pytest.mark.parametrize("kind", ["reducio", "cmd"])
+def test_checkpoint_save_load_gives_identical_outputs_and_optimizer(tmp_path, kind):
+    model, opt = trained_pair(kind)
+    folder = save(ck.step_dir(tmp_path, 2), kind, model, opt)
+    assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "model.safetensors", "optimizer.pt"]
+
+    loaded_kind, cfg, fresh, meta = load_autoencoder(tmp_path)          # the output folder: its latest checkpoint
+    assert loaded_kind == kind and meta["step"] == 2 and cfg == model.config
+    video = rand_video(2, 3, 4, 16, 16, seed=5)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(reconstruct(kind, model, video), reconstruct(kind, fresh, video))
+
+    fresh.train()
+    model.train()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    load_full_state(fresh, fresh_opt, ck.load_weights(folder), ck.load_state(folder, "optimizer"))
+    a, b = opt.state_dict(), fresh_opt.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    for i, state in a["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, b["state"][i][key]), (i, key)
+    for m, o in ((model, opt), (fresh, fresh_opt)):                     # one more step: still identical
+        recon, _ = train_pass(kind, m, video, torch.Generator().manual_seed(3))
+        o.zero_grad()
+        recon.abs().mean().backward()
+        o.step()
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_optimizer_file_loads_with_weights_only_and_refuses_pickled_code(tmp_path):
+    model, opt = trained_pair("cmd")
+    folder = save(tmp_path / "step", "cmd", model, opt)
+    state = torch.load(folder / "optimizer.pt", weights_only=True)      # plain data: loads under weights_only
+    assert set(state) == {"state", "param_groups"}
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"state": Evil()}, folder / "optimizer.pt")
+    with pytest.raises(UserError, match="cannot load"):
+        ck.load_state(folder, "optimizer")
+
+
+def test_latest_valid_checkpoint_ignores_incomplete_folders(tmp_path):
+    model, opt = trained_pair("cmd")
+    for step in (100, 200, 300):
+        save(ck.step_dir(tmp_path, step), "cmd", model, opt, step)
+    (ck.step_dir(tmp_path, 300) / "meta.json").unlink()                  # crashed before its marker
+    ck.step_dir(tmp_path, 400).mkdir()                                   # crashed early
+    assert ck.latest_checkpoint(tmp_path) == ck.step_dir(tmp_path, 200)
+    with open(ck.step_dir(tmp_path, 200) / "model.safetensors", "ab") as f:
+        f.write(b"x")                                                    # a file that is not what meta.json says
+    assert ck.latest_checkpoint(tmp_path) == ck.step_dir(tmp_path, 100)
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [100]
+    with pytest.raises(UserError, match="incomplete or damaged"):
+        ck.resolve_checkpoint(ck.step_dir(tmp_path, 200))
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        ck.resolve_checkpoint(tmp_path / "checkpoints")
+    with pytest.raises(UserError, match="no such"):
+        ck.resolve_checkpoint(tmp_path / "nothing")
+
+
+def test_keep_last_prunes_old_and_stale_incomplete(tmp_path):
+    model, opt = trained_pair("cmd")
+    for step in (1, 2, 3, 4):
+        save(ck.step_dir(tmp_path, step), "cmd", model, opt, step)
+    ck.step_dir(tmp_path, 0).mkdir()                         # an old crash's leftover
+    ck.step_dir(tmp_path, 5).mkdir()                         # being written right now (newer): left alone
+    removed = ck.prune_checkpoints(tmp_path, keep_last=2)
+    assert sorted(p.name for p in removed) == ["step-000000", "step-000001", "step-000002"]
+    left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert left == ["step-000003", "step-000004", "step-000005"]
+
+
+def test_weights_that_do_not_fit_are_a_user_error(tmp_path):
+    model, opt = trained_pair("cmd")
+    folder = save(tmp_path / "step", "cmd", model, opt)
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["model"]["config"]["width"] = 64                    # a config that does not match the weights
+    (folder / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="do not fit the model"):
+        load_autoencoder(folder)
+
+
+# ---------------------------------------------------------------------------------------------------- configs
+
+def test_compression_figures_of_the_presets():
+    r = compression("reducio", model_config("reducio", "paper"), 16, 256, 256)
+    assert r["latent_shapes"] == {"latent": [16, 4, 8, 8]} and r["latent_elements"] == 4096
+    assert r["pixel_elements"] == 3 * 16 * 256 * 256 and r["pixels_per_latent_element"] == 768
+    assert r["latent_bytes_per_clip"] == 8192 and r["latent_plus_side_bytes_per_clip"] == 8192 + 3 * 256 * 256
+    c = compression("cmd", model_config("cmd", "paper"), 16, 256, 256)
+    assert c["latent_shapes"] == {"z_x": [8, 16, 128], "z_y": [8, 16, 128]} and c["pixels_per_latent_element"] == 96
+    assert compression("reducio", model_config("reducio", "tiny"), 16, 64, 64)["latent_shapes"]["latent"] == \
+        [16, 4, 8, 8]
+    assert compression("cmd", model_config("cmd", "tiny"), 16, 64, 64)["latent_elements"] == 2 * 8 * 16 * 8
+    with torch.device("meta"):                               # the figures agree with the models' own shapes
+        model = build_model("cmd", model_config("cmd", "paper"))
+        _, z_x, z_y = model.encode(torch.empty(1, 3, 16, 256, 256))
+    assert z_x.numel() + z_y.numel() == c["latent_elements"]
+
+
+def test_model_config_overrides_and_sizes():
+    cfg = model_config("cmd", "tiny", {"motion_channels": 16, "image_size": [32, 32]})
+    assert cfg.motion_channels == 16 and cfg.image_size == (32, 32)
+    with pytest.raises(UserError, match="'widht' is not a CMDConfig field"):
+        model_config("cmd", "tiny", {"widht": 64})
+    with pytest.raises(UserError, match="divisible"):
+        model_config("cmd", "tiny", {"width": 100, "heads": 3})
+    with pytest.raises(UserError, match=r"does not fit the reducio model: T must be divisible by 4 and H, W by 8"):
+        check_clip_size("reducio", model_config("reducio", "tiny"), 6, 64, 64)
+    with pytest.raises(UserError, match="patch size 8"):
+        check_clip_size("cmd", model_config("cmd", "tiny"), 16, 60, 64)
+
+
+def write_spec(tmp_path, section: str, body: dict):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({section: body}))
+    return path
+
+
+TRAIN = {"model": {"kind": "reducio"}, "data": {"manifest": {"kind": "folder", "path": "v"}}, "output": "o"}
+
+
+@pytest.mark.parametrize("change, key, words", [
+    ({"loss": {"perceptual_weights": "/w/vgg.pth"}}, "train_ae.loss.perceptual_weights", "SSIM"),
+    ({"loss": {"gan": 0.1}, "parallel": "fsdp2"}, "train_ae.loss.gan", "parallel: ddp"),
+    ({"data": {"source": "shards", "shards": "d", "manifest": {"kind": "folder", "path": "v"}}},
+     "train_ae.data.shards", "no manifest"),
+    ({"data": {"source": "manifest"}}, "train_ae.data.manifest", "needs a manifest"),
+    ({"model": {"kind": "vqgan"}}, "train_ae.model.kind", "'reducio', 'cmd'"),
+    ({"betas": [0.9, 1.5]}, "train_ae.betas", "[0, 1)"),
+    ({"steps": 0}, "train_ae.steps", "> 0"),
+    ({"data": {"manifest": {"kind": "folder", "path": "v"}, "resolution": [64, 0]}}, "train_ae.data.resolution",
+     "positive"),
+])
+def test_train_spec_errors_name_the_key(tmp_path, change, key, words):
+    with pytest.raises(SpecError) as err:
+        load_job(write_spec(tmp_path, "train_ae", {**TRAIN, **change}))
+    assert err.value.key == key and words in err.value.message, str(err.value)
+
+
+def test_prep_encoder_spec_needs_a_checkpoint(tmp_path):
+    base = {"manifest": {"kind": "folder", "path": "v"}, "output": "o"}
+    with pytest.raises(SpecError) as err:
+        load_job(write_spec(tmp_path, "prep", {**base, "encoder": {"kind": "reducio"}}))
+    assert err.value.key == "prep.encoder.checkpoint"
+    with pytest.raises(SpecError) as err:
+        load_job(write_spec(tmp_path, "prep", {**base, "encoder": {"kind": "cmd", "checkpoint": "c", "downsample": 2}}))
+    assert err.value.key == "prep.encoder.downsample"
+    job = load_job(write_spec(tmp_path, "prep", {**base, "encoder": {"kind": "cmd", "checkpoint": "c"}}))
+    assert job.prep.encoder.kind == "cmd"
+
+
+def test_job_files_validate():
+    from pathlib import Path
+
+    jobs = Path(__file__).resolve().parents[2] / "jobs"
+    for name in ("tiny_reducio", "tiny_cmd", "paper_reducio", "paper_cmd", "quickstart_reducio_prep"):
+        job = load_job(jobs / f"{name}.yaml")
+        if job.train_ae is not None:
+            t = job.train_ae
+            cfg = model_config(t.model.kind, t.model.preset, t.model.overrides)
+            check_clip_size(t.model.kind, cfg, t.data.clip.num_frames, *t.data.resolution)
+    assert load_job(jobs / "paper_reducio.yaml").train_ae.model.preset == "paper"
+
+
+# ---------------------------------------------------------------------------------------------------- prep encoders
+
+def test_prep_encoders_from_checkpoints(tmp_path):
+    clips = np.random.default_rng(0).integers(0, 256, (2, 8, 32, 48, 3), dtype=np.uint8)   # (B, T, H, W, 3)
+    for kind, cls in (("reducio", ReducioPrepEncoder), ("cmd", CMDPrepEncoder)):
+        model, opt = trained_pair(kind)
+        folder = save(ck.step_dir(tmp_path / kind, 2), kind, model, opt)
+        from hpcvid.config import EncoderSpec
+
+        encoder = build_prep_encoder(EncoderSpec(kind=kind, checkpoint=str(tmp_path / kind)))
+        assert isinstance(encoder, cls) and encoder.name == kind
+        assert encoder.digest() == file_digest(folder / "model.safetensors")
+        assert encoder.config()["kind"] == kind and encoder.latent_dtype() == "float16"
+        out = encoder.encode(clips)
+        assert out.latents.dtype == np.float16 and out.latents.shape[1:] == encoder.latent_shape(8, (32, 48))
+        assert out.extras["content"].shape == (2, 3, 32, 48) and out.extras["content"].dtype == np.uint8
+        model.eval()
+        x = torch.from_numpy(clips).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+        with torch.no_grad():
+            if kind == "reducio":
+                want = model.normalize_latent(model.encode(x)[0])
+                assert np.array_equal(out.extras["content"], clips[:, 3].transpose(0, 3, 1, 2))   # centre (T-1)//2
+            else:
+                _, z_x, z_y = model.encode(x)
+                want = torch.cat([z_x, z_y], dim=-1)
+        assert np.allclose(out.latents.astype(np.float32), want.numpy(), atol=2e-2, rtol=1e-2)
+        with pytest.raises(UserError, match="does not fit"):
+            encoder.latent_shape(8, (30, 48))
+    from hpcvid.config import EncoderSpec
+
+    with pytest.raises(UserError, match="holds a 'cmd' model"):
+        build_prep_encoder(EncoderSpec(kind="reducio", checkpoint=str(tmp_path / "cmd")))
