@@ -90,6 +90,25 @@ def one_line(stream: str) -> str:
     return lines[0]
 
 
+# warnings a stage may print before failing that are not part of its error (training: no GPU -> fp32)
+EXPECTED_WARNINGS = ("no GPU visible",)
+
+
+def assert_cli_ok(res) -> None:
+    assert res.returncode == 0, f"exit {res.returncode}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+    assert "Traceback" not in res.stderr, res.stderr
+
+
+def assert_user_error(res, *needles: str) -> str:
+    """Exit 2, exactly one stderr line (besides expected warnings) naming every needle, no traceback."""
+    assert res.returncode == 2, f"exit {res.returncode}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+    assert "Traceback" not in res.stderr, res.stderr
+    line = one_line("\n".join(ln for ln in res.stderr.splitlines() if not any(w in ln for w in EXPECTED_WARNINGS)))
+    for needle in needles:
+        assert needle in line, f"{needle!r} not in {line!r}"
+    return line
+
+
 @dataclass
 class Dataset:
     folder: Path

@@ -22,7 +22,7 @@ from hpcvid.config import load_job
 from hpcvid.dist import Env
 from hpcvid.stages import prep
 from prep_helpers import (
-    check_dataset, leftovers, markers, one_line, read_json, shard_files_state, summary_numbers, write_csv,
+    assert_cli_ok, assert_user_error, check_dataset, leftovers, markers, read_json, shard_files_state, summary_numbers, write_csv,
     write_job,
 )
 
@@ -45,21 +45,6 @@ def decode_all(path: Path) -> np.ndarray:
 def source_fps(path: Path) -> float:
     with av.open(str(path)) as container:
         return float(container.streams.video[0].average_rate)
-
-
-def assert_cli_ok(res) -> None:
-    assert res.returncode == 0, f"exit {res.returncode}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}"
-    assert "Traceback" not in res.stderr, res.stderr
-
-
-def assert_user_error(res, *needles: str) -> str:
-    """Exit 2, exactly one stderr line naming every needle, no traceback; returns the line."""
-    assert res.returncode == 2, f"exit {res.returncode}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}"
-    assert "Traceback" not in res.stderr, res.stderr
-    line = one_line(res.stderr)
-    for needle in needles:
-        assert needle in line, f"{needle!r} not in {line!r}"
-    return line
 
 
 def copy_video(src: Path, dst: Path, caption: str | None) -> Path:

@@ -27,7 +27,7 @@ from hpcvid.train import checkpoint as ck
 from hpcvid.train.autoencoder import build_model, config_to_dict, load_autoencoder, model_config
 from hpcvid.train.distributed import full_state
 from hpcvid.train.metrics import from_uint8, psnr, read_jsonl, read_png_size
-from prep_helpers import check_dataset, merged, one_line, write_job
+from prep_helpers import assert_cli_ok, assert_user_error, check_dataset, merged, write_job
 
 
 def train_section(videos: Path, output: Path, **changes) -> dict:
@@ -54,20 +54,6 @@ def eval_section(videos: Path, checkpoint: Path, output: Path, **changes) -> dic
 def write(path: Path, **sections) -> Path:
     path.write_text(yaml.safe_dump(sections, sort_keys=False))
     return path
-
-
-def assert_ok(res) -> None:
-    assert res.returncode == 0, f"exit {res.returncode}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}"
-    assert "Traceback" not in res.stderr, res.stderr
-
-
-def assert_user_error(res, *needles: str) -> str:
-    assert res.returncode == 2, f"exit {res.returncode}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}"
-    assert "Traceback" not in res.stderr, res.stderr
-    line = one_line("\n".join(ln for ln in res.stderr.splitlines() if "no GPU visible" not in ln))
-    for needle in needles:
-        assert needle in line, f"{needle!r} not in {line!r}"
-    return line
 
 
 def steps_of(folder: Path) -> list[int]:
@@ -101,7 +87,7 @@ def test_reducio_two_ranks_trains_resumes_and_evaluates(tmp_path, synthetic_vide
     job = write(tmp_path / "job.yaml", train_ae=train_section(videos, out),
                 eval_ae=eval_section(videos, out, tmp_path / "eval"))
     first = run_cli(["train-ae", job], launcher=[mpiexec, "-n", "2"])
-    assert_ok(first)
+    assert_cli_ok(first)
     assert "2 ranks ddp on cpu" in first.stdout and "steps 0 -> 4" in first.stdout
     assert first.stdout.count("train-ae:") == 1                          # rank 0 alone prints the summary
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [2, 4]
@@ -110,7 +96,7 @@ def test_reducio_two_ranks_trains_resumes_and_evaluates(tmp_path, synthetic_vide
     assert meta["world_size"] == 2 and meta["model"]["kind"] == "reducio" and meta["data"]["clips"] == 12
 
     again = run_cli(["train-ae", job, "--set", "train_ae.steps=8"], launcher=[mpiexec, "-n", "2"])
-    assert_ok(again)
+    assert_cli_ok(again)
     assert "steps 4 -> 8" in again.stdout
     records = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [2, 4, 6, 8]
@@ -122,7 +108,7 @@ def test_reducio_two_ranks_trains_resumes_and_evaluates(tmp_path, synthetic_vide
     assert (out / "curves.png").stat().st_size > 0
 
     res = run_cli(["eval-ae", job])
-    assert_ok(res)
+    assert_cli_ok(res)
     assert "PSNR" in res.stdout and "checkpoint step 8" in res.stdout
     report = check_eval_report(tmp_path / "eval", clips=6, ratio=48.0)   # 6 usable videos, middle clip each
     assert report["step"] == 8 and report["problems"] == {"too_short": 1}
@@ -135,20 +121,20 @@ def test_cmd_two_ranks_fsdp2_train_and_two_rank_eval(tmp_path, synthetic_videos,
                 train_ae=train_section(videos, out, model={"kind": "cmd"}, parallel="fsdp2", loss={"kl": 0.0}),
                 eval_ae=eval_section(videos, out, tmp_path / "eval", data={"max_clips": 5}))
     res = run_cli(["train-ae", job], launcher=[mpiexec, "-n", "2"])
-    assert_ok(res)
+    assert_cli_ok(res)
     assert "cmd tiny" in res.stdout and "2 ranks fsdp2 on cpu" in res.stdout
     assert steps_of(out) == [2, 4]
     records = read_jsonl(out / "metrics.jsonl")
     assert "kl" not in records[-1] and records[-1]["l1"] < records[0]["l1"] * 1.5
 
     res = run_cli(["eval-ae", job], launcher=[mpiexec, "-n", "2"])
-    assert_ok(res)
+    assert_cli_ok(res)
     assert res.stdout.count("eval-ae:") == 1
     report = check_eval_report(tmp_path / "eval", clips=5, ratio=48.0)   # max_clips over both ranks
     assert report["ranks"] == 2 and report["compression"]["latent_shapes"] == {"z_x": [8, 8, 4], "z_y": [8, 8, 4]}
     # the one-process evaluation of the same clips agrees with the two-rank one
     res = run_cli(["eval-ae", job, "--set", f"eval_ae.output={tmp_path / 'eval1'}"])
-    assert_ok(res)
+    assert_cli_ok(res)
     one = json.loads((tmp_path / "eval1" / "report.json").read_text())
     assert [r["clip_id"] for r in one["per_clip"]] == [r["clip_id"] for r in report["per_clip"]]
     for a, b in zip(one["per_clip"], report["per_clip"]):                 # batches differ: rounding may too
@@ -246,7 +232,7 @@ def test_prep_with_reducio_encoder_end_to_end(tmp_path, synthetic_videos, run_cl
     job = write_job(tmp_path / "prep.yaml", {"kind": "folder", "path": str(videos)}, out,
                     encoder={"kind": "reducio", "checkpoint": str(tmp_path / "ae")})
     res = run_cli(["prep", job])
-    assert_ok(res)
+    assert_cli_ok(res)
     assert "encoder reducio" in res.stdout
     data = check_dataset(out, total_rows=7)                                 # docs/shard_format.md holds
     weights = Path(trained.checkpoint) / "model.safetensors"
@@ -278,7 +264,7 @@ def test_prep_with_reducio_encoder_end_to_end(tmp_path, synthetic_videos, run_cl
     res = run_cli(["prep", job, "--set", f"prep.encoder.checkpoint={tmp_path / 'other'}"])
     assert_user_error(res, "different spec", "encoder")
     res = run_cli(["prep", job])                                            # the same weights: a no-op rerun
-    assert_ok(res)
+    assert_cli_ok(res)
     assert "0 shards written, 4 already complete" in res.stdout
 
 
@@ -287,7 +273,7 @@ def test_prep_with_cmd_encoder_stores_both_motion_latents(tmp_path, synthetic_vi
     out = tmp_path / "latents"
     job = write_job(tmp_path / "prep.yaml", {"kind": "folder", "path": str(synthetic_videos.folder)}, out,
                     encoder={"kind": "cmd", "checkpoint": str(tmp_path / "cmd")})
-    assert_ok(run_cli(["prep", job]))
+    assert_cli_ok(run_cli(["prep", job]))
     data = check_dataset(out, total_rows=7)
     assert data.identity["latent"]["shapes"] == {"32x32": [8, 8, 8], "32x48": [8, 8, 10]}   # z_x | z_y on the last axis
     clip = next(iter(data.clips.values()))
