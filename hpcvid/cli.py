@@ -131,12 +131,13 @@ def _launch(args: argparse.Namespace) -> int:
 
 def _run_stage(run, spec, command: str) -> int:
     """Run a stage on this rank; if any rank of a multi-rank job fails, every rank is aborted instead of hanging."""
-    from hpcvid.dist import Env, fail_together, make_comm
+    from hpcvid.dist import Env, destroy_torch_distributed, fail_together, make_comm
 
     env = Env.discover()
     comm = make_comm(env)
     try:
         run(spec, env, comm)
+        destroy_torch_distributed(comm)   # stages that brought torch.distributed up leave it to us
     except BaseException as e:
         fail_together(comm, env, e, f"hpcvid {command}")
     comm.close()

@@ -30,7 +30,7 @@ class StageJob:
 
     def __call__(self) -> dict[str, Any]:
         from hpcvid.config import parse_spec, JobSpec
-        from hpcvid.dist import Env, fail_together, make_comm
+        from hpcvid.dist import Env, destroy_torch_distributed, fail_together, make_comm
         from hpcvid.stages import get_stage
 
         info = get_stage(self.stage)
@@ -45,6 +45,7 @@ class StageJob:
         comm = make_comm(env)
         try:
             result = info.run(spec, env, comm)
+            destroy_torch_distributed(comm)   # together, before any rank exits
         except BaseException as e:
             self._record(env, "FAILED", error=f"{type(e).__name__}: {e}".splitlines()[0],
                          trace=traceback.format_exc(limit=8))

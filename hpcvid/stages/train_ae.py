@@ -338,7 +338,7 @@ def run(spec: TrainAESpec, env: Env, comm: Optional[Comm] = None) -> TrainAEResu
         return _run(spec, env, comm, device)
     finally:
         if owns_group:
-            destroy_torch_distributed()
+            destroy_torch_distributed(comm)
 
 
 def _run(spec: TrainAESpec, env: Env, comm: Comm, device: torch.device) -> TrainAEResult:
