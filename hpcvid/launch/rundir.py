@@ -105,7 +105,7 @@ def _submit_stages(run_dir: Path, run: dict, planned: list[PlannedStage], todo: 
             print(f"hpcvid submit: {stage.name}: not run, {', '.join(blocked)} did not complete", flush=True)
             continue
         after = sorted({_base_id(t["job_id"]) for d in entry["after"] for t in run["stages"][d]["tasks"].values()
-                        if not executor.blocking and _is_active(run, d, t)})
+                        if not executor.blocking and _is_active(t)})
         count = stage.resources.array_tasks
         keys = todo[stage.name] or (["job"] if count == 1 else [str(i) for i in range(count)])
         jobs = [StageJob(stage.stage, stage.spec, str(run_dir), None if k == "job" else int(k),
@@ -125,7 +125,7 @@ def _base_id(job_id: str) -> str:
     return job_id.split("_")[0]
 
 
-def _is_active(run: dict, stage: str, task: dict) -> bool:
+def _is_active(task: dict) -> bool:
     return task.get("state", "PENDING") in ACTIVE   # filled in by retry from sacct; fresh submissions are pending
 
 
