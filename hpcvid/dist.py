@@ -498,6 +498,15 @@ def init_torch_distributed(env: Env, comm: Comm, backend: str = "auto", timeout_
     dist.init_process_group(store=store, rank=env.rank, world_size=env.world_size, **kw)
 
 
+def rank_cores(env: Env) -> int:
+    """CPU cores this rank may use: its affinity set (SLURM/launcher pinning), or an equal share of the node's
+    cores when the launcher did not pin the ranks."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cores >= (os.cpu_count() or 1) and env.local_world_size > 1:
+        cores //= env.local_world_size
+    return max(1, cores)
+
+
 def destroy_torch_distributed(comm: Optional["Comm"] = None) -> None:
     """Tear down the default group if there is one (safe to call twice).
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
-import os
 import socket
 import time
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from hpcvid.config import PrepSpec, digest, to_dict
 from hpcvid.data import manifest as mf
 from hpcvid.data import shards as sh
 from hpcvid.data.video import VideoError, read_clips
-from hpcvid.dist import Comm, Env, make_comm
+from hpcvid.dist import Comm, Env, make_comm, rank_cores
 from hpcvid.stages.encoders import build_prep_encoder, load_text_encoder
 
 
@@ -60,13 +59,14 @@ def run(spec: PrepSpec, env: Env, comm: Optional[Comm] = None) -> PrepResult:
     total_rows = mf.count_rows(spec.manifest)
     total_shards = mf.num_shards(total_rows, spec.shards.rows_per_shard)
     text_encoder = load_text_encoder(spec.text, spec.encoder.device)
-    sh.claim_dataset(out, _identity(spec, encoder, text_encoder, total_rows, total_shards))
+    identity = _identity(spec, encoder, text_encoder, total_rows, total_shards)
+    sh.claim_dataset(out, identity)
 
     setup_seconds = time.time() - start
     mine = mf.shards_for_worker(total_shards, env.worker_index, env.num_workers)
     todo = [s for s in mine if sh.shard_done(out, s) is None]
     rows = _rows_by_shard(spec, set(todo))
-    context = _ShardContext(spec, env, encoder, text_encoder, total_rows)
+    context = _ShardContext(spec, env, encoder, text_encoder, total_rows, identity["digest"])
     written_rows = written_clips = 0
     bar = tqdm(total=sum(len(rows[s]) for s in todo), unit="row", desc=f"prep {env.describe()}",
                position=env.rank if env.world_size > 1 else None, disable=not spec.progress, leave=True,
@@ -92,10 +92,7 @@ def run(spec: PrepSpec, env: Env, comm: Optional[Comm] = None) -> PrepResult:
 
 def encoder_threads(env: Env, decode_workers: int) -> int:
     """Cores left for torch after the decode threads: oversubscribing 2 cores halved end-to-end throughput."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if cores >= (os.cpu_count() or 1) and env.local_world_size > 1:
-        cores //= env.local_world_size     # ranks not pinned by the launcher share the node's cores
-    return max(1, cores - decode_workers)
+    return max(1, rank_cores(env) - decode_workers)
 
 
 def _identity(spec: PrepSpec, encoder, text_encoder, total_rows: int, total_shards: int) -> dict[str, Any]:
@@ -131,9 +128,9 @@ def _rows_by_shard(spec: PrepSpec, shards: set[int]) -> dict[int, list[mf.Row]]:
 class _ShardContext:
     """Writes one shard at a time: decode ahead in the pool, encode in batches of one bucket, record every row."""
 
-    def __init__(self, spec: PrepSpec, env: Env, encoder, text_encoder, total_rows: int):
+    def __init__(self, spec: PrepSpec, env: Env, encoder, text_encoder, total_rows: int, dataset_digest: str):
         self.spec, self.env, self.encoder, self.text_encoder = spec, env, encoder, text_encoder
-        self.total_rows = total_rows
+        self.total_rows, self.dataset_digest = total_rows, dataset_digest
         self.clips_before = self.failed_before = 0     # earlier shards of this run, for the progress bar
         self.out = Path(spec.output)
 
@@ -164,7 +161,7 @@ class _ShardContext:
         attrs = {"shard": shard, "rows_start": rows_range.start, "rows_stop": rows_range.stop,
                  "encoder": self.encoder.name, "encoder_config": self.encoder.config(),
                  "encoder_digest": self.encoder.digest(), "text_encoder": self.spec.text.encoder,
-                 "dataset_digest": sh.read_json(self.out / "dataset.json")["digest"]}
+                 "dataset_digest": self.dataset_digest}
         writer = sh.ShardWriter(self.out / f"{name}.h5", attrs, self.spec.shards.compression)
         stats = {"done": 0, "filtered": 0, "failed": 0, "clips": 0}
         reasons: dict[str, dict[str, int]] = {"filtered": {}, "failed": {}}

@@ -30,7 +30,7 @@ from hpcvid.config import AEDataSpec, TrainAESpec, UserError, to_dict
 from hpcvid.data import manifest as mf
 from hpcvid.data import shards as sh
 from hpcvid.data.video import VideoError, read_clips
-from hpcvid.dist import Comm, Env, destroy_torch_distributed, init_torch_distributed, make_comm
+from hpcvid.dist import Comm, Env, destroy_torch_distributed, init_torch_distributed, make_comm, rank_cores
 from hpcvid.train import checkpoint as ck
 from hpcvid.train.autoencoder import (build_model, check_clip_size, config_to_dict, count_parameters, last_layer,
                                       model_config, reconstruct, train_pass)
@@ -157,9 +157,7 @@ def pick_device(choice: str, env: Env) -> torch.device:
 
 
 def cpu_threads(env: Env, asked: Optional[int]) -> int:
-    from hpcvid.stages.prep import encoder_threads
-
-    return asked or encoder_threads(env, 0)
+    return asked or rank_cores(env)
 
 
 def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
