@@ -7,7 +7,8 @@
     hpcvid status RUN_DIR [--watch] | hpcvid cancel RUN_DIR | hpcvid retry RUN_DIR
     hpcvid sbatch PIPELINE.yaml --out DIR        plain sbatch scripts of a pipeline, for admins
 
-User errors (bad spec, unusable manifest, wrong folder) print one line and exit with status 2.
+User errors (bad spec, unusable manifest, wrong folder) print one line and exit with status 2; a run that stopped on
+purpose (training diverged) prints one line and exits with status 3.
 """
 from __future__ import annotations
 
@@ -17,9 +18,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from hpcvid.config import JobSpec, UserError, load_job, to_dict
-
-EXIT_USER_ERROR = 2
+from hpcvid.config import EXIT_RUN_STOPPED, EXIT_USER_ERROR, JobSpec, RunStopped, UserError, load_job, to_dict
 STAGE_COMMANDS = ("prep", "selftest", "train-ae", "eval-ae")
 
 
@@ -73,6 +72,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UserError as e:
         print(f"hpcvid {args.command}: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except RunStopped as e:
+        print(f"hpcvid {args.command}: {e}", file=sys.stderr)
+        return EXIT_RUN_STOPPED
     except KeyboardInterrupt:
         print(f"hpcvid {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

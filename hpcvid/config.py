@@ -24,6 +24,15 @@ class UserError(ValueError):
     """Bad input from the user (a spec, a manifest, a path): the CLI prints it as one line and exits with 2."""
 
 
+class RunStopped(RuntimeError):
+    """A run that stopped on purpose and must not be retried as it is (e.g. training diverged): the CLI prints the
+    one-line reason and exits with EXIT_RUN_STOPPED, so a scheduler records a failure instead of requeueing."""
+
+
+EXIT_USER_ERROR = 2
+EXIT_RUN_STOPPED = 3
+
+
 class SpecError(UserError):
     """A user error in a job spec: one line naming the file and the key path."""
 
@@ -233,6 +242,8 @@ class TrainAESpec:
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: Optional[float] = 1.0              # max global gradient norm; null: no clipping
+    max_nonfinite_steps: int = 20                 # consecutive steps with a non-finite loss or gradient norm are
+                                                  # skipped (no update); this many in a row stop the run (exit 3)
     loss: AELossSpec = field(default_factory=AELossSpec)
     checkpoint_every: int = 500
     keep_last: int = 3                            # complete checkpoints kept (older ones are deleted)
@@ -247,7 +258,7 @@ class TrainAESpec:
 
     def validate(self, at: str) -> None:
         _positive_or_none(self, at, "steps", "batch_size", "lr", "checkpoint_every", "keep_last", "log_every",
-                          "probe_clips", "grad_clip", "torch_threads")
+                          "probe_clips", "grad_clip", "torch_threads", "max_nonfinite_steps")
         if self.warmup_steps < 0 or self.weight_decay < 0:
             raise _ValueProblem(f"{at}.warmup_steps", "warmup_steps and weight_decay must be >= 0")
         if not all(0 <= b < 1 for b in self.betas):

@@ -526,15 +526,15 @@ def destroy_torch_distributed(comm: Optional["Comm"] = None) -> None:
 
 def fail_together(comm: Comm, env: Env, error: BaseException, what: str) -> None:
     """Called on a rank whose stage raised: alone, re-raise; in a multi-rank job, print and abort every rank
-    (exit 2 for a user error), because the other ranks would otherwise wait for this one forever."""
+    (exit 2 for a user error, 3 for a run stopped on purpose), because the other ranks would otherwise wait for this one forever."""
     if comm.world_size <= 1:
         raise error
-    from hpcvid.config import UserError
+    from hpcvid.config import EXIT_RUN_STOPPED, EXIT_USER_ERROR, RunStopped, UserError
 
-    if isinstance(error, UserError):
+    if isinstance(error, (UserError, RunStopped)):
         print(f"{what} (rank {env.rank}): {error}", file=sys.stderr, flush=True)
         time.sleep(_ABORT_GRACE_S)
-        comm.abort(2)
+        comm.abort(EXIT_USER_ERROR if isinstance(error, UserError) else EXIT_RUN_STOPPED)
     import traceback
 
     traceback.print_exception(error)
