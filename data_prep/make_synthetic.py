@@ -176,7 +176,7 @@ def make_synthetic_videos(out_dir: str | Path, specs: list[dict] | None = None,
         scene = make_scene(spec["name"], seed)
         frames = render_frames(scene, spec["height"], spec["width"], spec["fps"], spec["num_frames"])
         path = out / f"{spec['name']}.mp4"
-        write_mp4(path, frames, spec["fps"])
+        write_mp4(path, frames, spec["fps"], deterministic=True)   # the same bytes on every CPU
         results.append((path, make_caption(spec["name"], seed)))
     return results
 

@@ -231,7 +231,8 @@ def rebuild_index(folder: Path) -> dict[str, Any]:
     """Summarise every complete shard into index.json and failures.jsonl (atomic, idempotent, under a lock)."""
     folder = Path(folder)
     with _locked(folder):
-        for summary in ("index.json", "failures.jsonl"):   # only written under this lock: any temporary is torn
+        for summary in ("index.json", "failures.jsonl", "warnings.jsonl"):   # only written under this lock: any
+                                                                            # temporary is torn
             _remove_temporaries(folder, f".{summary}.")
         identity = read_json(folder / "dataset.json")
         if identity is None:
@@ -240,7 +241,8 @@ def rebuild_index(folder: Path) -> dict[str, Any]:
         totals = {"rows": 0, "done": 0, "filtered": 0, "failed": 0, "clips": 0, "bytes": 0}
         reasons: dict[str, dict[str, int]] = {"filtered": {}, "failed": {}}
         buckets: dict[str, int] = {}
-        shards, failures, seconds = [], [], 0.0
+        warnings: dict[str, int] = {}
+        shards, failures, warning_details, seconds = [], [], [], 0.0
         for shard in range(total_shards):
             marker = shard_done(folder, shard)
             if marker is None:
@@ -252,7 +254,10 @@ def rebuild_index(folder: Path) -> dict[str, Any]:
                     reasons[status][reason] = reasons[status].get(reason, 0) + n
             for name, n in marker["buckets"].items():
                 buckets[name] = buckets.get(name, 0) + n
+            for code, n in marker.get("warnings", {}).items():     # markers of hpcvid < 0.3 have none
+                warnings[code] = warnings.get(code, 0) + n
             failures += marker["failures"]
+            warning_details += marker.get("warning_details", [])
             seconds += marker["seconds"]
             shards.append({k: marker[k] for k in ("shard", "file", "rows_start", "rows_stop", "clips", "bytes",
                                                    "buckets")})
@@ -261,11 +266,13 @@ def rebuild_index(folder: Path) -> dict[str, Any]:
             "dataset_digest": identity["digest"], "encoder": identity["encoder"],
             "latent": identity.get("latent"), "text": identity.get("text"),
             "total_rows": identity["total_rows"], "num_shards": total_shards, "complete_shards": len(shards),
-            "complete": len(shards) == total_shards, "totals": totals, "reasons": reasons, "buckets": buckets,
+            "complete": len(shards) == total_shards, "totals": totals, "reasons": reasons, "warnings": warnings,
+            "buckets": buckets,
             "worker_seconds": round(seconds, 3), "shards": shards,
         }
-        lines = "".join(json.dumps(f, sort_keys=True) + "\n" for f in sorted(failures, key=lambda f: f["row"]))
-        atomic_write_bytes(folder / "failures.jsonl", lines.encode())
+        for name, records in (("failures.jsonl", failures), ("warnings.jsonl", warning_details)):
+            lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in sorted(records, key=lambda r: r["row"]))
+            atomic_write_bytes(folder / name, lines.encode())
         atomic_write_json(folder / "index.json", index)
     return index
 

@@ -3,44 +3,41 @@
 Every way a video can be unusable ends as a `VideoError` with a short reason code, so the prep stage can record
 the video as bad data and go on. decord, PyAV and torch are imported lazily: importing this module stays cheap.
 
-What the backends do on bad input (decord2 3.4, PyAV 18.1; checked in subprocesses, neither crashed nor hung):
+Frames are read through `VideoReader`, which checks decord's fast random access against the container's
+timestamps and falls back to in-order decoding (hpcvid.data.decoders says how and why). What could not be trusted
+and what looks unusual (variable frame rate, frame counts that disagree) is returned as notes, not hidden.
+
+What the decoders do on bad input (decord2 3.4, PyAV 18.1; checked in subprocesses, neither crashed nor hung):
   missing path, zero-byte file, text named .mp4, mp4 cut before its index (moov at the end): both refuse to open.
-  mp4 cut after its index (faststart): both open; decord counts only the packets present, PyAV trusts the index
-  (e.g. 61 vs 200 frames for a 30% cut), and both fail with an error on the last few frames they report.
-  Audio-only file: both open the container, neither finds a video stream.
+  mp4 cut after its index (faststart): both open; the packets present are counted, and the last few frames they
+  list fail to decode. Audio-only file: both open the container, neither finds a video stream.
 """
 from __future__ import annotations
 
 import math
 import os
-import re
 import uuid
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
+
+from hpcvid.data.decoders import (SAME_FRAME_TOLERANCE, ContainerIndex, DecordSource, PyAVSource, Untrusted,
+                                  VideoError, one_line)
+
+__all__ = ["BACKENDS", "Clip", "VideoError", "VideoInfo", "VideoReader", "choose_bucket", "clip_span", "clip_starts",
+           "frame_stride", "read_clips", "resize_center_crop", "write_mp4"]
 
 BACKENDS = ("auto", "decord", "pyav")
 # codecs that take a constant-rate-factor option (others get their defaults)
 _CRF_CODECS = {"libx264", "libx265", "libvpx-vp9", "libsvtav1", "libaom-av1"}
-# keep one resize chunk's float32 copy under this many bytes
 # read_clips decodes at most this many bytes of raw RGB frames per get_frames call
 _DECODE_CHUNK_BYTES = 512 * 2**20
-
-
-class VideoError(Exception):
-    """A video that cannot be used; `reason` is a short machine-readable code, str(e) a one-line human detail."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-
-    def __reduce__(self):
-        # custom __init__ args: without this the error cannot travel back from a worker process
-        return (type(self), (self.reason, self.detail))
+# a clip whose frame rate measured from its timestamps differs from its nominal rate (source fps / stride) by more
+# than this fraction is reported as variable-frame-rate (constant-rate files agree to rounding, < 0.1%)
+VFR_TOLERANCE = 0.03
 
 
 @dataclass(frozen=True)
@@ -49,151 +46,26 @@ class VideoInfo:
     fps: float
     height: int
     width: int
-    backend: str  # "decord" or "pyav"
+    backend: str  # "decord" or "pyav": the decoder whose frames were returned last
+    notes: tuple[tuple[str, str], ...] = ()   # (code, detail): what could not be trusted, or is unusual, and why
 
 
 @dataclass
 class Clip:
     start: int  # first frame index in the source video
     stride: int
-    fps: float  # effective fps of the clip = native_fps / stride
+    fps: float  # the clip's frame rate: from its timestamps when the container has them, else native_fps / stride
     bucket: tuple[int, int]
     frames: np.ndarray  # uint8 (T, h, w, 3)
 
 
-_DECORD_LOG_PREFIX = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")
-
-
-def _one_line(exc: BaseException) -> str:
-    """decord errors carry multi-line C++ traces; keep the first line, shortened."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    text = _DECORD_LOG_PREFIX.sub("", text)
-    return f"{type(exc).__name__}: {text[:200]}"
-
-
-def _checked_fps(fps: float, path: str) -> float:
-    """Clip sampling divides by the frame rate: a file without a usable one is unusable."""
-    if not (math.isfinite(fps) and fps > 0):
-        raise VideoError("unreadable", f"no usable frame rate ({fps}) in {path}")
-    return fps
-
-
-def _import_decord():
-    """Import decord once and silence ffmpeg's stderr chatter: bad videos are reported as VideoError instead."""
-    import decord
-
-    decord.logging.set_level(decord.logging.QUIET)
-    return decord
-
-
-class _DecordSource:
-    """decord reader: fast random access (it indexes all packets at open)."""
-
-    name = "decord"
-
-    def __init__(self, path: str, num_threads: int):
-        decord = _import_decord()
-        try:
-            self.vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=num_threads)
-        except Exception as exc:  # RuntimeError, DECORDError, AssertionError (0 frames) all mean "cannot open"
-            raise VideoError("unreadable", f"decord cannot open {path}: {_one_line(exc)}") from None
-        try:
-            first = self.vr.next()  # (H, W, 3); decord has no size query, and this proves the stream decodes
-        except Exception as exc:
-            detail = f"decord cannot decode frame 0 of {path}: {_one_line(exc)}"
-            raise VideoError("undecodable_frames", detail) from None
-        fps = _checked_fps(float(self.vr.get_avg_fps()), path)
-        self.info = VideoInfo(len(self.vr), fps, int(first.shape[0]), int(first.shape[1]), self.name)
-
-    def get(self, indices: list[int]) -> np.ndarray:
-        return self.vr.get_batch(indices).asnumpy()  # uint8 (N, H, W, 3) RGB
-
-    def close(self) -> None:
-        self.vr = None
-
-
-class _PyAVSource:
-    """PyAV reader: opens anything ffmpeg knows; decodes sequentially, so ask for frames in increasing order."""
-
-    name = "pyav"
-
-    def __init__(self, path: str, num_threads: int):
-        import av
-
-        self.path, self.num_threads = path, num_threads
-        self._container, self._frames, self._pos = None, None, 0  # live forward decoder, opened on first get()
-        try:
-            with av.open(path) as container:
-                if not container.streams.video:
-                    raise VideoError("unreadable", f"no video stream in {path}")
-                stream = container.streams.video[0]
-                rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-                fps = float(rate) if rate else 0.0
-                height, width = stream.codec_context.height, stream.codec_context.width
-                num_frames = stream.frames
-                if num_frames <= 0:  # some containers (mkv, webm) store no count: count packets, no decoding
-                    num_frames = sum(1 for p in container.demux(stream) if p.size > 0)
-        except VideoError:
-            raise
-        except Exception as exc:  # av.FFmpegError subclasses, OSError
-            raise VideoError("unreadable", f"PyAV cannot open {path}: {_one_line(exc)}") from None
-        if num_frames <= 0:
-            raise VideoError("unreadable", f"video stream of {path} has no frames")
-        if height <= 0 or width <= 0:
-            raise VideoError("unreadable", f"video stream of {path} has no frame size")
-        fps = _checked_fps(fps, path)
-        self.info = VideoInfo(int(num_frames), fps, int(height), int(width), self.name)
-
-    def get(self, indices: list[int]) -> np.ndarray:
-        """Decode forward to the wanted frames; a live decoder carries on between calls that move forward."""
-        wanted = set(indices)
-        if self._frames is None or min(wanted) < self._pos:
-            self._restart()
-        last, found, h, w = max(wanted), {}, self.info.height, self.info.width
-        try:
-            while self._pos <= last:
-                frame = next(self._frames, None)
-                if frame is None:
-                    break
-                if self._pos in wanted:
-                    # reformat also guards against a mid-stream size change
-                    found[self._pos] = frame.reformat(width=w, height=h, format="rgb24").to_ndarray()  # (H, W, 3)
-                self._pos += 1
-        except Exception:
-            self.close()  # decoder state unknown: the next call starts over
-            raise
-        missing = sorted(wanted - found.keys())
-        if missing:
-            pos = self._pos
-            self.close()
-            raise RuntimeError(f"stream ended after {pos} decoded frames; frame {missing[0]} never came")
-        return np.stack([found[i] for i in indices])  # (N, H, W, 3)
-
-    def _restart(self) -> None:
-        import av
-
-        self.close()
-        self._container = av.open(self.path)
-        stream = self._container.streams.video[0]
-        if self.num_threads != 1:
-            stream.thread_type, stream.thread_count = "AUTO", self.num_threads
-        self._frames, self._pos = self._container.decode(stream), 0
-
-    def close(self) -> None:
-        if self._container is not None:
-            self._container.close()
-        self._container, self._frames, self._pos = None, None, 0
-
-
-_SOURCES = {"decord": _DecordSource, "pyav": _PyAVSource}
-
-
 class VideoReader:
-    """Random-access reader: decord first, PyAV as fallback (backend="auto"|"decord"|"pyav").
+    """Random access to frames, never trusted blindly: decord when it proves right, PyAV's sure path otherwise.
 
-    With "auto", PyAV takes over when decord cannot open the file or when a get_frames call fails in decord;
-    only when PyAV fails too is the video declared bad. A truncated mp4 often reports more frames than it holds:
-    asking for the missing ones raises VideoError("undecodable_frames") (after the PyAV retry under "auto").
+    backend "auto": decord, with every batch checked at its seek points against PyAV's timestamp-verified decode
+    (see hpcvid.data.decoders); on any doubt the video is decoded in order with PyAV instead, and `info.notes` says
+    why. "decord": the same checks, but a doubt raises VideoError("untrusted_frames"). "pyav": in-order PyAV only.
+    A truncated mp4 often lists frames it does not hold: asking for them raises VideoError("undecodable_frames").
     """
 
     def __init__(self, path: str | Path, backend: str = "auto", num_threads: int = 1):
@@ -208,22 +80,36 @@ class VideoReader:
             raise VideoError("unreadable", f"not a regular file: {self.path}")
         if os.path.getsize(self.path) == 0:
             raise VideoError("empty_file", f"zero-byte file: {self.path}")
-        self._source = self._open_first(["decord", "pyav"] if backend == "auto" else [backend])
-        self.info: VideoInfo = self._source.info
+        self.notes: list[tuple[str, str]] = []
+        index = ContainerIndex.read(self.path)    # PyAV, no decoding: the timestamps every check relies on
+        self._sure = PyAVSource(index, num_threads)
+        self._fast = self._open_decord(index) if backend != "pyav" else None
+        num_frames = index.num_frames
+        self._counts_disagree = self._fast is not None and self._fast.num_frames != index.num_frames
+        if self._counts_disagree:
+            num_frames = min(self._fast.num_frames, index.num_frames)
+            self.notes.append(("frame_count_mismatch", f"decord counts {self._fast.num_frames} frames, the container "
+                                                       f"{index.num_frames}: using {num_frames}"))
+        self.index = index
+        self.info = VideoInfo(num_frames, index.fps, index.height, index.width,
+                              "decord" if self._fast is not None else "pyav")
 
-    def _open_first(self, names: list[str]):
-        """Open with the first backend that works; keep every failure for the message."""
-        errors = []
-        for name in names:
-            try:
-                return _SOURCES[name](self.path, self.num_threads)
-            except VideoError as err:
-                errors.append(err)
-            except ImportError as exc:
-                errors.append(VideoError("unreadable", f"{name} is not installed ({exc})"))
-        # the most telling reason: undecodable frames beat a plain "cannot open"
-        worst = next((e for e in errors if e.reason != "unreadable"), errors[0])
-        raise VideoError(worst.reason, " | ".join(e.detail for e in errors))
+    def _open_decord(self, index: ContainerIndex) -> Optional[DecordSource]:
+        try:
+            return DecordSource(index, self.num_threads)
+        except ImportError as exc:
+            if self.backend == "decord":
+                raise VideoError("unreadable", f"decord is not installed ({exc})") from None
+            self.notes.append(("decoder_fallback", f"decord is not installed ({exc})"))
+        except Untrusted as exc:
+            if self.backend == "decord":
+                raise VideoError("untrusted_frames", str(exc)) from None
+            self.notes.append(("decoder_fallback", str(exc)))
+        except VideoError as err:
+            if self.backend == "decord":
+                raise
+            self.notes.append(("decoder_fallback", err.detail))
+        return None
 
     def get_frames(self, indices: Sequence[int]) -> np.ndarray:
         """Frames at `indices` (any order, repeats allowed) as uint8 (N, H, W, 3) RGB."""
@@ -234,32 +120,61 @@ class VideoReader:
         bad = [i for i in idx if not 0 <= i < self.info.num_frames]
         if bad:
             raise IndexError(f"frame index {bad[0]} outside [0, {self.info.num_frames}) in {self.path}")
-        try:
-            return self._get_checked(idx)
-        except MemoryError:
-            raise  # the machine's problem, not the video's
-        except Exception as exc:
-            first_error = f"{self._source.name}: {_one_line(exc)}"
-        if self.backend == "auto" and self._source.name == "decord":
+        if self._fast is not None:
             try:
-                fallback = _PyAVSource(self.path, self.num_threads)
-                self._source.close()
-                self._source = fallback
-                self.info = replace(self.info, backend=fallback.name)
-                return self._get_checked(idx)
+                return self._checked_fast(idx)
+            except MemoryError:
+                raise  # the machine's problem, not the video's
+            except Untrusted as exc:
+                doubt = ("untrusted_frames", str(exc))
             except Exception as exc:
-                first_error += f" | pyav: {_one_line(exc)}"
-        raise VideoError("undecodable_frames", f"cannot decode frames of {self.path}: {first_error}")
+                doubt = ("undecodable_frames", f"decord: {one_line(exc)}")
+            if self.backend == "decord":
+                raise VideoError(doubt[0], f"cannot decode frames of {self.path}: {doubt[1]}")
+            self.notes.append(("decoder_fallback", doubt[1]))
+            self._fast.close()
+            self._fast = None
+            self.info = replace(self.info, backend=self._sure.name)
+        try:
+            return self._shape_checked(self._sure.get(idx), len(idx))
+        except MemoryError:
+            raise
+        except Untrusted as exc:
+            raise VideoError("untrusted_frames", f"cannot place frames of {self.path}: {exc}") from None
+        except Exception as exc:
+            raise VideoError("undecodable_frames", f"cannot decode frames of {self.path}: pyav: {one_line(exc)}") \
+                from None
 
-    def _get_checked(self, idx: list[int]) -> np.ndarray:
-        frames = self._source.get(idx)  # (N, H, W, 3)
-        want = (len(idx), self.info.height, self.info.width, 3)
+    def _checked_fast(self, idx: list[int]) -> np.ndarray:
+        """decord's frames, once its seek points (and, when the frame counts disagree, the last frame) match PyAV's."""
+        probes = self._fast.anchors(idx)
+        if self._counts_disagree:    # then where decord's count ends is in doubt: its last frame may be a repeat
+            probes |= {self.info.num_frames - 1} & set(idx)
+        order = sorted(set(idx) | probes)
+        frames = self._shape_checked(self._fast.get(order), len(order))       # (U, H, W, 3)
+        row = {f: i for i, f in enumerate(order)}
+        for p in sorted(probes):
+            sure = self._sure.decode_at(p)                                      # (H, W, 3)
+            diff = float(np.abs(frames[row[p]].astype(np.int16) - sure.astype(np.int16)).mean())
+            if diff > SAME_FRAME_TOLERANCE:
+                raise Untrusted(f"decord's frame {p} of {self.path} is not the frame at its timestamp (mean "
+                                f"difference {diff:.1f} grey levels): its random access cannot be trusted here")
+        return frames[[row[i] for i in idx]]                                    # (N, H, W, 3)
+
+    def _shape_checked(self, frames: np.ndarray, n: int) -> np.ndarray:
+        want = (n, self.info.height, self.info.width, 3)
         if frames.shape != want or frames.dtype != np.uint8:
-            raise RuntimeError(f"decoder gave {frames.dtype} {frames.shape}, expected uint8 {want}")
+            raise Untrusted(f"decoder gave {frames.dtype} {frames.shape}, expected uint8 {want}")
         return frames
 
+    def frame_seconds(self, frame: int) -> Optional[float]:
+        """Presentation time of a frame from the container's timestamps (None when it has none)."""
+        return self.index.seconds(frame)
+
     def close(self) -> None:
-        self._source.close()
+        self._sure.close()
+        if self._fast is not None:
+            self._fast.close()
 
     def __enter__(self) -> "VideoReader":
         return self
@@ -342,7 +257,8 @@ def read_clips(path: str | Path, num_frames: int, target_fps: float | None, clip
 
     The distinct frames of all clips are decoded in increasing order, in calls of at most _DECODE_CHUNK_BYTES of
     raw frames, each resized at once: peak memory stays bounded for 4K sources, and PyAV decodes in one pass.
-    Raises VideoError for any bad video; the returned info names the backend that finally decoded it.
+    Raises VideoError for any bad video; the returned info names the backend that finally decoded it, and its
+    notes what could not be trusted (decoder fallbacks, frame counts) and which clips are variable-frame-rate.
     """
     with VideoReader(path, backend=backend) as reader:
         info = reader.info
@@ -357,19 +273,41 @@ def read_clips(path: str | Path, num_frames: int, target_fps: float | None, clip
         for a in range(0, len(wanted), per_call):
             raw = reader.get_frames(wanted[a:a + per_call])  # (n, H, W, 3)
             frames[a:a + len(raw)] = resize_center_crop(raw, bucket)  # (n, h, w, 3)
-        info = reader.info
-    row = {f: i for i, f in enumerate(wanted)}
-    clips = [Clip(start=s, stride=stride, fps=info.fps / stride, bucket=bucket,
-                  frames=frames[[row[s + int(o)] for o in offsets]])  # (T, h, w, 3)
-             for s in starts]
+        notes = list(reader.notes)
+        clips = []
+        row = {f: i for i, f in enumerate(wanted)}
+        for s in starts:
+            fps, vfr = _clip_fps(reader, s, stride, num_frames)
+            if vfr:
+                notes.append(("vfr", vfr))
+            clips.append(Clip(start=s, stride=stride, fps=fps, bucket=bucket,
+                              frames=frames[[row[s + int(o)] for o in offsets]]))  # (T, h, w, 3)
+        info = replace(reader.info, notes=tuple(notes))
     return info, clips
 
 
-def write_mp4(path: str | Path, frames: np.ndarray, fps: float, codec: str = "libx264", crf: int = 18) -> None:
+def _clip_fps(reader: VideoReader, start: int, stride: int, num_frames: int) -> tuple[float, Optional[str]]:
+    """A clip's frame rate from its first and last timestamps, and a note when that is not the nominal rate."""
+    nominal = reader.info.fps / stride
+    first, last = reader.frame_seconds(start), reader.frame_seconds(start + (num_frames - 1) * stride)
+    if num_frames < 2 or first is None or last is None or last <= first:
+        return nominal, None
+    measured = (num_frames - 1) / (last - first)
+    if abs(measured / nominal - 1) <= VFR_TOLERANCE:
+        return measured, None
+    return measured, (f"clip at frame {start}: {measured:.2f} fps from its timestamps, {nominal:.2f} nominal "
+                      f"({reader.info.fps:.2f} fps / stride {stride}): variable frame rate")
+
+
+def write_mp4(path: str | Path, frames: np.ndarray, fps: float, codec: str = "libx264", crf: int = 18,
+              deterministic: bool = False) -> None:
     """Encode uint8 (N, H, W, 3) RGB frames as yuv420p mp4, atomically (temporary name, fsync, rename).
 
     yuv420p halves the chroma planes, so H and W must be even. The index goes to the front of the file
-    (faststart) so players can stream it.
+    (faststart) so players can stream it. x264's assembly gave different bytes for the same frames from one call
+    to the next on an AVX-512 CPU (seen at 32x32, 64x36, 64x64, 144x176; it reads memory it did not write):
+    `deterministic=True` turns it off, for files that must be identical everywhere (test and sample data), at
+    4-7x the encoding time.
     """
     import av
 
@@ -381,6 +319,8 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float, codec: str = "li
         raise ValueError(f"frame size {h}x{w} (HxW) must be even in both sides for yuv420p")
     if not (math.isfinite(fps) and fps > 0):
         raise ValueError(f"fps must be > 0, got {fps}")
+    if deterministic and codec != "libx264":
+        raise ValueError(f"deterministic encoding is only known for libx264, not {codec}")
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix or '.mp4'}")
     try:
@@ -388,8 +328,10 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float, codec: str = "li
                      options={"movflags": "+faststart"}) as container:
             stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
             stream.height, stream.width, stream.pix_fmt = h, w, "yuv420p"
-            if codec in _CRF_CODECS:
-                stream.options = {"crf": str(crf)}
+            options = {"crf": str(crf)} if codec in _CRF_CODECS else {}
+            if deterministic:
+                options["x264-params"] = "no-asm=1"
+            stream.options = options
             for frame in frames:  # (H, W, 3)
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
             container.mux(stream.encode())  # flush delayed frames

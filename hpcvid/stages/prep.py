@@ -166,6 +166,8 @@ class _ShardContext:
         stats = {"done": 0, "filtered": 0, "failed": 0, "clips": 0}
         reasons: dict[str, dict[str, int]] = {"filtered": {}, "failed": {}}
         failures: list[dict[str, Any]] = []
+        warnings: dict[str, int] = {}               # code -> notes (a row may have several, e.g. one per VFR clip)
+        warning_details: list[dict[str, Any]] = []
         batches: dict[tuple[int, int], list] = collections.defaultdict(list)
         try:
             for row, path, outcome in self._decoded(rows, pool):
@@ -178,7 +180,11 @@ class _ShardContext:
                                          "reason": outcome.reason, "detail": outcome.detail})
                 else:
                     stats["done"] += 1
-                    for clip in outcome:
+                    for code, detail in outcome.notes:
+                        warnings[code] = warnings.get(code, 0) + 1
+                        warning_details.append({"row": row.index, "video_id": row.video_id, "shard": shard,
+                                                "path": str(path), "code": code, "detail": detail})
+                    for clip in outcome.clips:
                         record = sh.ClipRecord(row.video_id, row.caption, row.index, clip.start, clip.stride, clip.fps)
                         batches[clip.bucket].append((clip.frames, record))
                         if len(batches[clip.bucket]) >= self.spec.batch_size:
@@ -195,7 +201,7 @@ class _ShardContext:
             raise
         marker = {"shard": shard, "file": f"{name}.h5", "rows_start": rows_range.start, "rows_stop": rows_range.stop,
                   "rows": len(rows), **stats, "bytes": size, "buckets": dict(writer.counts), "reasons": reasons,
-                  "failures": failures, "seconds": round(time.time() - start, 3), "host": socket.gethostname(),
+                  "failures": failures, "warnings": warnings, "warning_details": warning_details, "seconds": round(time.time() - start, 3), "host": socket.gethostname(),
                   "worker": self.env.describe(), "finished": time.time()}
         if len(rows) != stats["done"] + stats["filtered"] + stats["failed"]:
             raise RuntimeError(f"{name}: row accounting broke ({len(rows)} rows vs {stats})")   # a bug, not input
@@ -221,13 +227,19 @@ class _ShardContext:
         return len(records)
 
 
+@dataclass
+class _Decoded:
+    clips: list
+    notes: tuple[tuple[str, str], ...]      # (code, detail): what the reader could not trust, VFR clips
+
+
 def _resolve(row: mf.Row, path: Optional[Path], outcome: Any):
     """Wait for a decode; any error of one video becomes that row's failure, never the stage's."""
     if not isinstance(outcome, cf.Future):
         return row, path, outcome
     try:
-        _, clips = outcome.result()
-        return row, path, clips
+        info, clips = outcome.result()
+        return row, path, _Decoded(clips, info.notes)
     except VideoError as e:
         return row, path, mf.RowProblem("failed", e.reason, f"row {row.index} ({row.video_id}): {e}")
     except Exception as e:   # noqa: BLE001 - a decoder bug on one file must not stop a 10M-row job
@@ -268,6 +280,9 @@ def format_summary(out: Path, index: dict[str, Any], env: Env, run_totals: list[
             counts = ", ".join(f"{k} {v}" for k, v in sorted(index["reasons"][status].items(), key=lambda kv: -kv[1]))
             where = f"   (details: {out / 'failures.jsonl'})" if status == "failed" else ""
             lines.append(f"  {status}: {counts}{where}")
+    if index.get("warnings"):
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(index["warnings"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"  warnings (clips kept): {counts}   (details: {out / 'warnings.jsonl'})")
     if not index["complete"]:
         lines.append("  incomplete: the other array tasks write the rest" if (env.array_task_count or 1) > 1
                      else "  incomplete: rerun the same command to finish the missing shards")

@@ -6,6 +6,7 @@ with h5py and json only.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -307,6 +308,38 @@ def test_corrupt_inputs_are_recorded_not_fatal(tmp_path, synthetic_videos, run_c
     res = run_cli(["inspect", out, "--verify"])
     assert_cli_ok(res)
     assert "failed empty_caption: 2" in res.stdout
+
+
+def test_files_that_fool_decord_give_right_clips_and_warnings(tmp_path, run_cli):
+    """A damaged index (false keyframes), x264 in AVI and a VFR mp4: each row is done with the in-order frames
+    (or would be failed), and each doubt is a warning in the marker, the index, warnings.jsonl and the summary."""
+    from data_prep.faulty_videos import make_faulty_videos
+    from hpcvid.data.video import resize_center_crop
+
+    src = make_faulty_videos(tmp_path / "videos")          # 120 frames: decord errs past frame 60
+    for path in src.values():
+        path.with_suffix(".txt").write_text(f"frames of {path.stem}\n")
+    out = tmp_path / "out"
+    res = run_cli(["prep", write_job(tmp_path / "job.yaml", folder_manifest(tmp_path / "videos"), out,
+                                     clip={"num_frames": 8, "fps": None, "clips_per_video": 3},
+                                     shards={"rows_per_shard": 2})])
+    assert_cli_ok(res)
+    ds = check_dataset(out, total_rows=3)
+    assert (ds.index["totals"]["done"], ds.index["totals"]["failed"]) == (3, 0)
+    for name, clips in ds.by_video().items():
+        frames = decode_all(src[name])                                   # in order, no index used: the truth
+        for c in clips:
+            expect = resize_center_crop(frames[c["start_frame"]:c["start_frame"] + 8], (32, 32))
+            got = c["latents"].transpose(1, 2, 3, 0)                      # (8, 32, 32, 3)
+            assert np.abs(got.astype(int) - expect.astype(int)).mean() < 0.5, (name, c["start_frame"])
+    warnings = [json.loads(line) for line in (out / "warnings.jsonl").read_text().splitlines()]
+    codes = {(w["video_id"], w["code"]) for w in warnings}
+    assert {("wrong_keyframes", "decoder_fallback"), ("x264_in_avi", "decoder_fallback"), ("vfr", "vfr")} <= codes
+    assert ds.index["warnings"]["decoder_fallback"] == 2 and ds.index["warnings"]["vfr"] >= 2
+    assert sum(sum(m["warnings"].values()) for m in ds.markers.values()) == len(warnings)
+    vfr_fps = sorted(c["fps"] for c in ds.by_video()["vfr"])
+    assert vfr_fps[0] == pytest.approx(12.5, rel=1e-3) and vfr_fps[-1] == pytest.approx(25.0, rel=1e-3)
+    assert "warnings (clips kept): " in res.stdout and str(out / "warnings.jsonl") in res.stdout
 
 
 # ---------------------------------------------------------------------------------------------------- 4. workers
