@@ -1,6 +1,6 @@
 """The `hpcvid` command: parse, load and validate the job spec, hand it to a stage.
 
-    hpcvid check JOB.yaml [--set a.b=v ...]       validate a job file without running anything
+    hpcvid check JOB.yaml [--set a.b=v ...]       validate a job file (and its paths) without running anything
     hpcvid prep JOB.yaml [--set a.b=v ...]        videos -> HDF5 latent shards (1 process, mpiexec ranks, or array tasks)
     hpcvid inspect DATASET_DIR [--verify] [--json]  summary of a prep dataset (--verify opens every shard)
     hpcvid submit PIPELINE.yaml [--cluster slurm|local|processes|debug] [--only STAGE] [--wait]
@@ -8,7 +8,8 @@
     hpcvid sbatch PIPELINE.yaml --out DIR        plain sbatch scripts of a pipeline, for admins
 
 User errors (bad spec, unusable manifest, wrong folder) print one line and exit with status 2; a run that stopped on
-purpose (training diverged) prints one line and exits with status 3.
+purpose (training diverged) prints one line and exits with status 3. A stage command runs the same checks as
+`hpcvid check` (spec and paths) on every rank before it starts, and refuses once, on every rank, with exit 2.
 """
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from hpcvid.config import EXIT_RUN_STOPPED, EXIT_USER_ERROR, JobSpec, RunStopped, UserError, load_job, to_dict
+from hpcvid.config import (EXIT_RUN_STOPPED, EXIT_USER_ERROR, JobSpec, RunStopped, UserError, load_job, name_source,
+                           preflight, to_dict)
+
 STAGE_COMMANDS = ("prep", "selftest", "train-ae", "eval-ae")
 
 
@@ -33,8 +36,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="override one key of the spec (repeatable); VALUE is parsed as YAML")
         return p
 
-    check = with_spec("check", "validate a job file (every section) without running anything")
+    check = with_spec("check", "validate a job file (every section) and the paths it names, without running anything")
     check.add_argument("--print", action="store_true", help="print the validated spec with defaults filled in")
+    check.add_argument("--spec-only", action="store_true",
+                       help="skip the path checks (inputs exist, outputs can be created), e.g. on a machine "
+                            "without the data; the stages still run them when they start")
     with_spec("prep", "turn videos into HDF5 latent shards")
     with_spec("selftest", "check ranks, rendezvous and requeue on an allocation (a tiny resumable job)")
     with_spec("train-ae", "train a video autoencoder (Reducio-VAE or CMD) on decoded clips, resumable")
@@ -70,14 +76,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return _dispatch(args)
     except UserError as e:
-        print(f"hpcvid {args.command}: {e}", file=sys.stderr)
+        print(f"hpcvid {args.command}: {one_line(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except RunStopped as e:
-        print(f"hpcvid {args.command}: {e}", file=sys.stderr)
+        print(f"hpcvid {args.command}: {one_line(e)}", file=sys.stderr)
         return EXIT_RUN_STOPPED
     except KeyboardInterrupt:
         print(f"hpcvid {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+
+
+def one_line(error: BaseException) -> str:
+    """An error's text as one line whatever a value in it holds (a path or a key with a newline)."""
+    return str(error).replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -91,18 +102,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         for path in render_pipeline(args.pipeline, Path(args.out)):
             print(path)
         return 0
-    job: JobSpec = load_job(args.job, args.overrides)
+    if args.command in STAGE_COMMANDS:
+        return _run_stage(args.command, args.job, args.overrides)
     if args.command == "check":
+        job: JobSpec = load_job(args.job, args.overrides)
+        if not args.spec_only:
+            preflight(job, args.job)
         sections = [name for name, value in vars(job).items() if value is not None]
         if args.print:
             print(json.dumps(to_dict(job), indent=2))
-        print(f"{args.job}: ok ({', '.join(sections) or 'no stage sections'})")
+        print(f"{args.job}: ok ({', '.join(sections)}{'; paths not checked' if args.spec_only else ''})")
         return 0
-    if args.command in STAGE_COMMANDS:
-        from hpcvid.stages import get_stage
-
-        stage = args.command.replace("-", "_")      # train-ae -> stage and section train_ae
-        return _run_stage(get_stage(stage).run, job.stage(stage, args.job), args.command)
     raise AssertionError(f"unhandled command {args.command}")   # argparse restricts the choices
 
 
@@ -131,16 +141,35 @@ def _launch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_stage(run, spec, command: str) -> int:
-    """Run a stage on this rank; if any rank of a multi-rank job fails, every rank is aborted instead of hanging."""
-    from hpcvid.dist import Env, destroy_torch_distributed, fail_together, make_comm
+def _run_stage(command: str, job_path: str, overrides: list[str]) -> int:
+    """Check the spec and its paths on every rank, refuse together if any rank found a problem (one line, exit 2,
+    no hang), then run the stage; if any rank fails later, every rank is aborted instead of hanging."""
+    from hpcvid.dist import Env, destroy_torch_distributed, fail_together, make_comm, start_together
 
+    stage = command.replace("-", "_")      # train-ae -> stage and section train_ae
     env = Env.discover()
-    comm = make_comm(env)
+    spec, problem = None, None
     try:
-        run(spec, env, comm)
+        job = load_job(job_path, overrides)
+        spec = job.stage(stage, job_path)
+        preflight(job, job_path, stage)
+    except UserError as e:
+        problem = one_line(e)
+    comm = make_comm(env)
+    refused = start_together(comm, problem)
+    if refused:
+        if comm.rank == 0:
+            print("\n".join(f"hpcvid {command}: {line}" for line in refused), file=sys.stderr, flush=True)
+        comm.close()
+        return EXIT_USER_ERROR
+    from hpcvid.stages import get_stage     # after the checks: a refused spec does not wait for torch to import
+
+    try:
+        get_stage(stage).run(spec, env, comm)
         destroy_torch_distributed(comm)   # stages that brought torch.distributed up leave it to us
     except BaseException as e:
+        if isinstance(e, UserError):
+            name_source(e, job_path)
         fail_together(comm, env, e, f"hpcvid {command}")
     comm.close()
     return 0   # bad videos are data (failures.jsonl), not a failed job

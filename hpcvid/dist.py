@@ -524,6 +524,23 @@ def destroy_torch_distributed(comm: Optional["Comm"] = None) -> None:
         comm.barrier()
 
 
+def start_together(comm: Comm, problem: Optional[str]) -> list[str]:
+    """Every rank calls this before its stage starts, with what stops it (a spec or path problem) or None.
+
+    Returns the same on every rank: [] when all may start, else one line per distinct problem, prefixed with the
+    ranks that saw it unless all did. Ranks read the same spec, so a spec error is one line, not one per rank (the
+    caller prints from rank 0); a path missing on one node only is named with its ranks. Every rank then returns
+    on its own: no Abort, no rank left waiting for one that left."""
+    seen = comm.all_gather(problem)
+    ranks: dict[str, list[int]] = {}
+    for rank, text in enumerate(seen):
+        if text is not None:
+            ranks.setdefault(text, []).append(rank)
+    if len(ranks) == 1 and len(next(iter(ranks.values()))) == comm.world_size:
+        return list(ranks)
+    return [f"rank{'s' if len(r) > 1 else ''} {','.join(map(str, r))}: {text}" for text, r in ranks.items()]
+
+
 def fail_together(comm: Comm, env: Env, error: BaseException, what: str) -> None:
     """Called on a rank whose stage raised: alone, re-raise; in a multi-rank job, print and abort every rank
     (exit 2 for a user error, 3 for a run stopped on purpose), because the other ranks would otherwise wait for this one forever."""

@@ -24,7 +24,7 @@ from typing import Iterator
 
 from hpcvid.config import UserError
 from hpcvid.launch.job import StageJob
-from hpcvid.launch.pipeline import PlannedStage, Resources
+from hpcvid.launch.pipeline import PlannedStage, Resources, check_planned_stage, sbatch_value_problem, shown
 
 CLUSTERS = ("debug", "processes", "local", "slurm")
 
@@ -149,6 +149,8 @@ class SubmititExecutor(Executor):
     def _executor(self, stage: PlannedStage, after: list[str]):
         import submitit
 
+        # submitit writes #SBATCH lines unchecked, and a stage built in code never met the pipeline file's checks
+        check_planned_stage(stage)
         r: Resources = stage.resources
         folder = self.folder / stage.name / "%j"
         if self.name == "local":
@@ -156,21 +158,11 @@ class SubmititExecutor(Executor):
             ex.update_parameters(timeout_min=r.time_min, tasks_per_node=r.tasks_per_node, nodes=1,
                                  gpus_per_node=r.gpus_per_node, cpus_per_task=r.cpus_per_task)
             return ex
+        problem = sbatch_value_problem(str(folder.absolute()), path=True)   # submitit writes it into --output
+        if problem:
+            raise UserError(f"{shown(str(folder))}: cannot hold SLURM logs: {problem}")
         ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=10)
-        params = dict(job_name=f"hpcvid-{stage.name}", time=r.time_min, nodes=r.nodes,
-                      ntasks_per_node=r.tasks_per_node, cpus_per_task=r.cpus_per_task,
-                      array_parallelism=r.array_parallelism, signal_delay_s=r.signal_delay_s,
-                      srun_args=[f"--mpi={r.mpi}"], additional_parameters=sbatch_extra(r))
-        if r.gpus_per_node:
-            params["gpus_per_node"] = r.gpus_per_node
-        if r.mem_gb:
-            params["mem"] = f"{int(r.mem_gb * 1024)}M"
-        for key in ("partition", "account", "qos", "constraint"):
-            if getattr(r, key):
-                params[key] = getattr(r, key)
-        if after:
-            params["dependency"] = "afterok:" + ":".join(after)
-        ex.update_parameters(**params)
+        ex.update_parameters(**slurm_parameters(stage, after))
         return ex
 
     def submit(self, stage: PlannedStage, jobs: list[StageJob], after: list[str]) -> list[str]:
@@ -190,6 +182,25 @@ def _submit_array(ex, jobs: list[StageJob]):
     """One array (SLURM array; local: concurrent processes) whose task i runs jobs[i] (each a Checkpointable StageJob, so requeue works per task)."""
     with ex.batch():
         return [ex.submit(job) for job in jobs]
+
+
+def slurm_parameters(stage: PlannedStage, after: list[str]) -> dict[str, object]:
+    """What SubmititExecutor passes to submitit's SlurmExecutor.update_parameters for this stage."""
+    r = stage.resources
+    params = dict(job_name=f"hpcvid-{stage.name}", time=r.time_min, nodes=r.nodes,
+                  ntasks_per_node=r.tasks_per_node, cpus_per_task=r.cpus_per_task,
+                  array_parallelism=r.array_parallelism, signal_delay_s=r.signal_delay_s,
+                  srun_args=[f"--mpi={r.mpi}"], additional_parameters=sbatch_extra(r))
+    if r.gpus_per_node:
+        params["gpus_per_node"] = r.gpus_per_node
+    if r.mem_gb:
+        params["mem"] = f"{int(r.mem_gb * 1024)}M"
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(r, key):
+            params[key] = getattr(r, key)
+    if after:
+        params["dependency"] = "afterok:" + ":".join(after)
+    return params
 
 
 def sbatch_extra(r: Resources) -> dict[str, object]:

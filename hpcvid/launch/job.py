@@ -1,9 +1,10 @@
 """A stage as a picklable job: what every launcher (in-process, local processes, submitit local or SLURM) runs.
 
 `StageJob.__init__` only stores plain data (the stage name, its resolved spec as a dict, the run directory, the
-logical array task); `__call__` imports the heavy modules, works out the ranks, runs the stage and records its
-status. `checkpoint()` is submitit's requeue hook: every hpcvid stage resumes by itself (prep skips complete
-shards, training restarts from its latest checkpoint), so requeueing means resubmitting the same job unchanged.
+logical array task); `__call__` imports the heavy modules, works out the ranks, checks the spec and its paths as
+`hpcvid check` does (inputs written by earlier stages exist only now), runs the stage and records its status.
+`checkpoint()` is submitit's requeue hook: every hpcvid stage resumes by itself (prep skips complete shards,
+training restarts from its latest checkpoint), so requeueing means resubmitting the same job unchanged.
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ class StageJob:
     # ------------------------------------------------------------------------------------------------ running
 
     def __call__(self) -> dict[str, Any]:
-        from hpcvid.config import parse_spec, JobSpec
-        from hpcvid.dist import Env, destroy_torch_distributed, fail_together, make_comm
+        from hpcvid.config import JobSpec, UserError, name_source, parse_spec, preflight
+        from hpcvid.dist import Env, destroy_torch_distributed, fail_together, make_comm, start_together
         from hpcvid.stages import get_stage
 
         info = get_stage(self.stage)
@@ -40,15 +41,30 @@ class StageJob:
             os.environ["HPCVID_ARRAY_TASK_COUNT"] = str(self.array_count)
         _export_torch_rendezvous(info.comm)
         env = Env.discover()
-        spec = parse_spec(JobSpec, {self.stage: self.spec}, self.source).stage(self.stage, self.source)
+        spec, problem = None, None
+        try:                                # as the CLI does: the same checks, refused together, at start
+            job = parse_spec(JobSpec, {self.stage: self.spec}, self.source)
+            spec = job.stage(self.stage, self.source)
+            preflight(job, self.source, self.stage)
+        except UserError as e:
+            problem = e
         self._record(env, "RUNNING")
         comm = make_comm(env)
+        refused = start_together(comm, None if problem is None else str(problem))
+        if refused:
+            # the status table shows the key and what is wrong (it has 160 characters; the job file is specs/)
+            mine = f"{problem.key}: {problem.message}" if getattr(problem, "key", "") else str(problem or "")
+            self._record(env, "FAILED", error=mine or f"refused: {refused[0]}")
+            comm.close()
+            raise UserError("\n".join(refused))
         try:
             result = info.run(spec, env, comm)
             destroy_torch_distributed(comm)   # together, before any rank exits
         except BaseException as e:
             self._record(env, "FAILED", error=f"{type(e).__name__}: {e}".splitlines()[0],
                          trace=traceback.format_exc(limit=8))
+            if isinstance(e, UserError):
+                name_source(e, self.source)
             fail_together(comm, env, e, f"hpcvid {self.stage}")
             raise
         comm.close()
@@ -111,12 +127,24 @@ def _plain(result: Any) -> dict[str, Any]:
 
 
 def run_pickled(path: str) -> int:
-    """Entry point for local multi-process launches: `python -m hpcvid.launch.job JOB.pkl` on every rank."""
+    """Entry point for local multi-process launches: `python -m hpcvid.launch.job JOB.pkl` on every rank.
+
+    A user error or a stopped run is one line and exit 2 or 3, as from the CLI; a spec refused at start reaches
+    every rank, and only rank 0 prints it (the ranks share one log)."""
     import pickle
+
+    from hpcvid.config import EXIT_RUN_STOPPED, EXIT_USER_ERROR, RunStopped, UserError
+    from hpcvid.dist import Env
 
     with open(path, "rb") as f:   # our own file, written by the launcher a moment ago
         job = pickle.load(f)
-    job()
+    try:
+        job()
+    except (UserError, RunStopped) as e:
+        if Env.discover().rank == 0:
+            print("\n".join(f"hpcvid {job.stage}: {line}" for line in str(e).splitlines()), file=sys.stderr,
+                  flush=True)
+        return EXIT_USER_ERROR if isinstance(e, UserError) else EXIT_RUN_STOPPED
     return 0
 
 

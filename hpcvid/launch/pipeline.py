@@ -15,6 +15,10 @@
 
 Specs are resolved (YAML + overrides, validated) at submit time and frozen into the run directory, so editing a
 job file later never changes a submitted pipeline.
+
+Names and resource values end up inside `#SBATCH` lines (ours and submitit's), where quoting does not protect them
+from a newline, so they are checked here, when the file is loaded, and again where they are used
+(`check_planned_stage`): see "What resource values may hold" in docs/cluster.md.
 """
 from __future__ import annotations
 
@@ -25,7 +29,29 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from hpcvid.config import SpecError, UserError, apply_override, load_job, parse_spec, to_dict
+from hpcvid.config import (SpecError, UserError, _positive_or_none, _ValueProblem, apply_override, load_job,
+                           parse_spec, read_yaml, to_dict)
+
+MAX_SBATCH_VALUE_CHARS = 256
+MAX_NAME_CHARS = 64
+SBATCH_OPTION_NAME = re.compile(r"[a-z][a-z0-9-]{0,63}")          # a long option of sbatch, without the dashes
+STAGE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")                # file names and shell variable names
+PIPELINE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")         # the run folder's name starts with it
+# sbatch starts another component of a heterogeneous job at any #SBATCH line holding one of these words, anywhere
+JOB_SPLITTING_WORDS = ("hetjob", "packjob")
+# sbatch options that hpcvid writes itself, and what sets them instead; sbatch_extra may not repeat or override them
+_LOGS, _REQUEUE = "nothing (hpcvid picks the log files)", "nothing (training stages requeue themselves)"
+PIPELINE_SBATCH_OPTIONS = {
+    "job-name": "the stage's name", "dependency": "the stage's after: list",
+    "nodes": "resources.nodes", "ntasks": "resources.nodes and resources.tasks_per_node",
+    "ntasks-per-node": "resources.tasks_per_node", "cpus-per-task": "resources.cpus_per_task",
+    "gpus": "resources.gpus_per_node", "gpus-per-node": "resources.gpus_per_node", "mem": "resources.mem_gb",
+    "time": "resources.time_min", "signal": "resources.signal_delay_s",
+    "array": "resources.array_tasks and resources.array_parallelism",
+    "partition": "resources.partition", "account": "resources.account", "qos": "resources.qos",
+    "constraint": "resources.constraint",
+    "requeue": _REQUEUE, "no-requeue": _REQUEUE, "output": _LOGS, "error": _LOGS, "open-mode": _LOGS,
+}
 
 
 @dataclass(frozen=True)
@@ -48,12 +74,26 @@ class Resources:
     sbatch_extra: dict[str, str] = field(default_factory=dict)   # more #SBATCH options; "" for a bare flag
 
     def validate(self, at: str) -> None:
-        from hpcvid.config import _positive_or_none, _ValueProblem
-
+        """Also run at the point of use (check_planned_stage), not in __post_init__: the loader needs the key path
+        in the message, and a frozen Resources still holds a mutable sbatch_extra dict."""
         _positive_or_none(self, at, "nodes", "tasks_per_node", "cpus_per_task", "mem_gb", "time_min",
                           "array_tasks", "array_parallelism")
         if self.gpus_per_node < 0:
             raise _ValueProblem(f"{at}.gpus_per_node", f"must be >= 0, got {self.gpus_per_node}")
+        for key in ("partition", "account", "qos", "constraint"):
+            value = getattr(self, key)
+            problem = None if value is None else sbatch_value_problem(value)
+            if problem:
+                raise _ValueProblem(f"{at}.{key}", problem)
+        if not isinstance(self.sbatch_extra, dict):
+            raise _ValueProblem(f"{at}.sbatch_extra", f"expected a mapping, got {type(self.sbatch_extra).__name__}")
+        for option, value in self.sbatch_extra.items():
+            problem = sbatch_option_problem(option)
+            if problem:
+                raise _ValueProblem(f"{at}.sbatch_extra", problem)
+            problem = sbatch_value_problem(value)
+            if problem:
+                raise _ValueProblem(f"{at}.sbatch_extra.{option}", problem)
 
     @property
     def tasks(self) -> int:
@@ -71,9 +111,17 @@ class StageEntry:
 
 @dataclass(frozen=True)
 class PipelineSpec:
-    name: str
+    name: str                              # the run folder is <run_dir>/<name>-<stamp>
     stages: dict[str, StageEntry]
     run_dir: str = "runs"
+
+    def validate(self, at: str) -> None:
+        problem = pipeline_name_problem(self.name)
+        if problem:
+            raise _ValueProblem(f"{at}.name", problem)
+        problem = sbatch_value_problem(self.run_dir, path=True)   # submitit writes the run folder into #SBATCH lines
+        if problem:
+            raise _ValueProblem(f"{at}.run_dir", problem)
 
 
 @dataclass(frozen=True)
@@ -92,20 +140,18 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
     from hpcvid.stages import STAGES
 
     source = str(path)
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise SpecError(source, "", f"cannot read the pipeline file ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise SpecError(source, "", f"not valid YAML ({getattr(e, 'problem', e)})") from None
+    raw = read_yaml(path, "pipeline file")     # UTF-8, no duplicate keys, one-line errors
     if not isinstance(raw, dict) or set(raw) != {"pipeline"}:
         raise SpecError(source, "", "expected exactly one top-level key 'pipeline'")
     for item in overrides:
         apply_override(raw, item, source)
+    stages = raw["pipeline"].get("stages") if isinstance(raw["pipeline"], dict) else None
+    for name in stages if isinstance(stages, dict) else ():    # before parsing: every later key path holds the name
+        problem = stage_name_problem(str(name))
+        if problem:
+            raise SpecError(source, f"pipeline.stages.{shown(str(name))}", problem)
     spec: PipelineSpec = parse_spec(PipelineSpec, raw["pipeline"], source, "pipeline")
     for name, entry in spec.stages.items():
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):   # names become file and shell variable names
-            raise SpecError(source, f"pipeline.stages.{name}", "a stage name must be letters, digits and _")
         kind = entry.stage or name
         if kind not in STAGES:
             raise SpecError(source, f"pipeline.stages.{name}.stage",
@@ -125,6 +171,84 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
         planned.append(PlannedStage(name, kind, to_dict(job.stage(kind, str(job_path))), list(entry.after),
                                     entry.resources, str(job_path)))
     return spec, planned
+
+
+def check_planned_stage(stage: PlannedStage) -> None:
+    """The load-time checks again, where a stage's values go into a scheduler script: a PlannedStage or Resources
+    built in code never met the loader, and sbatch_extra can be changed after loading."""
+    problem = stage_name_problem(stage.name) if isinstance(stage.name, str) else "a stage name must be a string"
+    if problem:
+        raise UserError(f"stage {shown(str(stage.name))}: {problem}")
+    try:
+        stage.resources.validate("resources")
+    except _ValueProblem as e:
+        raise UserError(f"stage {stage.name}: {e.key}: {e.message}") from None
+
+
+def sbatch_value_problem(value: str, path: bool = False) -> Optional[str]:
+    """Why `value` cannot stand in a `#SBATCH --key=value` line, or None. Quoting does not help there: a newline
+    ends the line (the rest becomes a command), sbatch takes a backslash as an escape even inside quotes, and a
+    line holding "hetjob" splits the job. A `path` may hold printable non-ASCII characters and has no length cap."""
+    if not isinstance(value, str):
+        return f"expected a string, got {type(value).__name__}"
+    if not path and len(value) > MAX_SBATCH_VALUE_CHARS:
+        return f"{len(value)} characters; at most {MAX_SBATCH_VALUE_CHARS}"
+    for i, char in enumerate(value):
+        if char == "\\":
+            why = "sbatch reads a backslash as an escape, even inside quotes"
+        elif not char.isprintable():     # below 0x20, 0x7f, C1 controls, line separators, invisible characters
+            why = "a control or invisible character would end or corrupt the #SBATCH line"
+        elif not char.isascii() and not path:
+            why = "only ASCII is allowed"
+        else:
+            continue
+        rule = "a path here must be printable" if path else "a value here must be printable ASCII"
+        return f"{char!r} at character {i + 1}: {why} ({rule}, without backslashes)"
+    return _splitting_word(value)
+
+
+def sbatch_option_problem(option: str) -> Optional[str]:
+    """Why `option` cannot be an sbatch_extra key (written as `#SBATCH --option`), or None."""
+    if not isinstance(option, str) or not SBATCH_OPTION_NAME.fullmatch(option):
+        option = str(option)
+        bad = next((f"{char!r} at character {i + 1} is not allowed; " for i, char in enumerate(option)
+                    if not re.fullmatch(r"[a-z0-9-]", char)), "")
+        return (f"option {shown(option)}: {bad}an option name is an sbatch long option without the dashes: "
+                f"lowercase letters, digits and '-', starting with a letter, at most 64 characters (e.g. mail-user)")
+    if option in PIPELINE_SBATCH_OPTIONS:
+        return f"option {option!r} is set by hpcvid; use {PIPELINE_SBATCH_OPTIONS[option]} instead"
+    for full, instead in PIPELINE_SBATCH_OPTIONS.items():
+        if full.startswith(option):    # getopt_long takes an unambiguous prefix for the whole option
+            return f"option {option!r} would be read as --{full}, which hpcvid sets; use {instead} instead"
+    return _splitting_word(option)
+
+
+def stage_name_problem(name: str) -> Optional[str]:
+    """Stage names become file names, shell variable names and part of the job name."""
+    if not STAGE_NAME.fullmatch(name) or len(name) > MAX_NAME_CHARS:
+        return (f"a stage name must be letters, digits and _, not starting with a digit, at most {MAX_NAME_CHARS} "
+                f"characters")
+    return _splitting_word(name)
+
+
+def pipeline_name_problem(name: str) -> Optional[str]:
+    """The pipeline name starts the run folder's name, which submitit writes into #SBATCH lines."""
+    if not PIPELINE_NAME.fullmatch(name) or len(name) > MAX_NAME_CHARS:
+        return (f"{name!r} is not a usable name: letters, digits, '.', '_' and '-', starting with a letter or "
+                f"digit, at most {MAX_NAME_CHARS} characters")
+    return _splitting_word(name)
+
+
+def _splitting_word(text: str) -> Optional[str]:
+    for word in JOB_SPLITTING_WORDS:
+        if word in text.lower():
+            return f"{text!r} contains {word!r}, which makes sbatch split the job at that #SBATCH line"
+    return None
+
+
+def shown(text: str) -> str:
+    """`text` for a one-line message or a comment line: as it is when printable, else as a Python literal."""
+    return text if text.isprintable() else repr(text)
 
 
 def _relative_to(job: str, folder: Path) -> Path:
