@@ -198,6 +198,8 @@ def _inspect(folder: Path, verify: bool, as_json: bool) -> int:
     for status in ("failed", "filtered"):
         for reason, n in sorted(index["reasons"][status].items()):
             print(f"  {status} {reason}: {n}")
+    for code, n in sorted(index.get("warnings", {}).items()):
+        print(f"  warning {code}: {n}   (clips kept; details in {folder / 'warnings.jsonl'})")
     if verify:
         bad = 0
         for entry in index["shards"]:

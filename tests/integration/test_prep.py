@@ -340,6 +340,9 @@ def test_files_that_fool_decord_give_right_clips_and_warnings(tmp_path, run_cli)
     vfr_fps = sorted(c["fps"] for c in ds.by_video()["vfr"])
     assert vfr_fps[0] == pytest.approx(12.5, rel=1e-3) and vfr_fps[-1] == pytest.approx(25.0, rel=1e-3)
     assert "warnings (clips kept): " in res.stdout and str(out / "warnings.jsonl") in res.stdout
+    res = run_cli(["inspect", out])
+    assert_cli_ok(res)
+    assert "warning decoder_fallback: 2" in res.stdout
 
 
 # ---------------------------------------------------------------------------------------------------- 4. workers
