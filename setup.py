@@ -1,8 +1,8 @@
 """hpcvid: efficient text-to-video generation as batch jobs on SLURM clusters.
 
-Install for development (this CPU machine and CI; the constraints file pins the CPU torch build):
-    pip install -c constraints.txt -e ".[test]"
-On a GPU cluster, install your site's CUDA build of torch first, then `pip install -e .` without the constraints.
+The requirements below are ranges, so that a GPU cluster's own torch and MPI fit. Reproducible installs (this CPU
+machine and CI) come from the lock instead: `make setup` installs requirements/lock-cpu-py311.txt, then this project
+with `pip install --no-deps -e .`; `make lock` refreshes the lock after a change here. See docs/install.md.
 """
 import re
 from pathlib import Path

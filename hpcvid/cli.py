@@ -144,7 +144,7 @@ def _launch(args: argparse.Namespace) -> int:
 def _run_stage(command: str, job_path: str, overrides: list[str]) -> int:
     """Check the spec and its paths on every rank, refuse together if any rank found a problem (one line, exit 2,
     no hang), then run the stage; if any rank fails later, every rank is aborted instead of hanging."""
-    from hpcvid.dist import Env, destroy_torch_distributed, fail_together, make_comm, start_together
+    from hpcvid.dist import Env, make_comm, start_together
 
     stage = command.replace("-", "_")      # train-ae -> stage and section train_ae
     env = Env.discover()
@@ -164,11 +164,19 @@ def _run_stage(command: str, job_path: str, overrides: list[str]) -> int:
         return EXIT_USER_ERROR
     from hpcvid.stages import get_stage     # after the checks: a refused spec does not wait for torch to import
 
+    return run_on_ranks(get_stage(stage).run, spec, env, comm, command, job_path)
+
+
+def run_on_ranks(run, spec, env, comm, command: str, job_path: Optional[str] = None) -> int:
+    """Run a stage on this rank; if any rank of a multi-rank job fails, every rank is aborted instead of hanging
+    (a user error names the job file)."""
+    from hpcvid.dist import destroy_torch_distributed, fail_together
+
     try:
-        get_stage(stage).run(spec, env, comm)
+        run(spec, env, comm)
         destroy_torch_distributed(comm)   # stages that brought torch.distributed up leave it to us
     except BaseException as e:
-        if isinstance(e, UserError):
+        if isinstance(e, UserError) and job_path:
             name_source(e, job_path)
         fail_together(comm, env, e, f"hpcvid {command}")
     comm.close()

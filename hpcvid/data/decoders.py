@@ -89,7 +89,8 @@ class ContainerIndex:
                 fps = float(rate) if rate else 0.0
                 height, width = stream.codec_context.height, stream.codec_context.width
                 time_base = stream.time_base or Fraction(1, 1)
-                stamps = [p.pts for p in container.demux(stream) if p.size > 0]
+                # empty packets are flushes; discard-flagged ones (before an mp4 edit list starts) never show
+                stamps = [p.pts for p in container.demux(stream) if p.size > 0 and not p.is_discard]
         except VideoError:
             raise
         except Exception as exc:  # av.FFmpegError subclasses, OSError

@@ -10,11 +10,18 @@ Each rank decodes its share of the videos (rows rank, rank + W, ...) once into m
 the model is wrapped by DDP or FSDP2 from outside (hpcvid.train.distributed). A rerun resumes from the latest
 complete checkpoint in OUTPUT and, because every random draw is seeded by (seed, step, rank), continues exactly as
 the uninterrupted run would have. Rank 0 writes OUTPUT/metrics.jsonl, checkpoints, train_report.json and curves.png.
+
+Safety: a resume trusts only a checkpoint whose files match the sha256 in its meta.json (a damaged one is skipped
+with a warning and the one before it is used). A step whose loss or global gradient norm is not finite is skipped
+on every rank alike (no update); `max_nonfinite_steps` of them in a row stop the run with RunStopped (exit 3, so a
+scheduler does not requeue it), and nothing is saved while the newest steps are non-finite, so a diverging run
+never writes a checkpoint that would push the good ones out.
 """
 from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import statistics
 import time
 import sys
@@ -26,7 +33,7 @@ import numpy as np
 import torch
 
 import hpcvid
-from hpcvid.config import AEDataSpec, TrainAESpec, UserError, to_dict
+from hpcvid.config import AEDataSpec, RunStopped, TrainAESpec, UserError, to_dict
 from hpcvid.data import manifest as mf
 from hpcvid.data import shards as sh
 from hpcvid.data.video import VideoError, read_clips
@@ -36,7 +43,8 @@ from hpcvid.train.autoencoder import (build_model, check_clip_size, config_to_di
                                       model_config, reconstruct, train_pass)
 from hpcvid.train.distributed import full_state, load_full_state, parallelize
 from hpcvid.train.losses import PatchDiscriminator3d, adaptive_gan_weight, hinge_d_loss, ssim_loss
-from hpcvid.train.metrics import MetricsLog, curves_png, from_uint8, psnr, read_jsonl, ssim, to_uint8
+from hpcvid.train.metrics import (MetricsLog, curves_png, from_uint8, psnr, read_jsonl, ssim, strict_record,
+                                  to_uint8)
 
 
 @dataclass
@@ -55,6 +63,7 @@ class TrainAEResult:
     probe: dict[str, Any]                  # PSNR/SSIM of fixed clips at the start and the end of training
     checkpoint: str
     summary: str
+    skipped_steps: int = 0                 # steps skipped for a non-finite loss or gradient norm (no update)
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -210,38 +219,87 @@ class _Trainer:
         return {"kind": self.kind, "preset": m.preset, "overrides": m.overrides, "config": config_to_dict(self.cfg),
                 "clip": [self.T, self.H, self.W], "parameters": self.n_params}
 
-    def resume(self) -> tuple[int, Optional[dict]]:
-        """Load the latest complete checkpoint in OUTPUT, if any: (its step, its meta) or (0, None)."""
-        latest = ck.latest_checkpoint(self.out)
-        if latest is None:
-            return 0, None
-        meta = ck.read_meta(latest)
-        had = meta["model"]
-        if had["kind"] != self.kind or had["config"] != config_to_dict(self.cfg):
-            raise UserError(f"{latest}: this output folder holds a checkpoint of another model ({had['kind']} "
-                            f"{had.get('preset')}, config differs); choose a new train_ae.output or delete the folder")
-        load_full_state(self.model, self.opt, ck.load_weights(latest, "model"), ck.load_state(latest, "optimizer"))
-        if self.disc is not None and (latest / "discriminator.safetensors").exists():
-            load_full_state(self.disc, self.d_opt, ck.load_weights(latest, "discriminator"),
-                            ck.load_state(latest, "disc_optimizer"))
-        return int(meta["step"]), meta
+    def warn(self, message: str) -> None:
+        """One line on stderr from rank 0 (the others would repeat it)."""
+        if self.env.is_main:
+            print(f"hpcvid train-ae: warning: {message}", file=sys.stderr, flush=True)
+
+    def resume(self) -> tuple[int, Optional[dict], Optional[Path]]:
+        """Load the newest good checkpoint in OUTPUT: (its step, meta, folder), or (0, None, None) if there is none.
+
+        Rank 0 alone hashes (the files are the same for every rank) and says which folder; every rank then reads it
+        and they agree on whether it loaded, so all ranks resume from the same step. A checkpoint that fails (sha256,
+        an unreadable file, NaN/inf inside) is skipped with a one-line warning and the one before it is tried."""
+        before = None
+        while True:
+            choice = None
+            if self.env.is_main:
+                for _, found, meta in ck.verified_checkpoints(self.out, self.warn, before):
+                    choice = (str(found), meta)
+                    break
+            choice = self.comm.broadcast(choice)
+            if choice is None:
+                return 0, None, None
+            folder, meta = Path(choice[0]), choice[1]
+            had = meta["model"]
+            if had["kind"] != self.kind or had["config"] != config_to_dict(self.cfg):
+                raise UserError(f"{folder}: this output folder holds a checkpoint of another model ({had['kind']} "
+                                f"{had.get('preset')}, config differs); choose a new train_ae.output or delete the "
+                                f"folder")
+            try:
+                state, problem = self._read(folder), None
+            except UserError as e:
+                state, problem = None, str(e)
+            problems = [p for p in self.comm.all_gather(problem) if p]
+            if not problems:
+                break
+            self.warn(f"checkpoint {folder} skipped: {problems[0]}")
+            before = int(meta["step"])
+        weights, optim, disc = state
+        load_full_state(self.model, self.opt, weights, optim)
+        if disc is not None:
+            load_full_state(self.disc, self.d_opt, *disc)
+        if not ck.has_hashes(meta):
+            self.warn(f"checkpoint {folder} has no sha256 in its meta.json (written by an older hpcvid): checked by "
+                      f"file sizes and for NaN/inf only")
+        return int(meta["step"]), meta, folder
+
+    def _read(self, folder: Path) -> tuple[dict, dict, Optional[tuple[dict, dict]]]:
+        """Every file of a checkpoint in memory (UserError naming a file that is damaged or holds NaN/inf), so that
+        nothing is loaded into the model unless all of it is good."""
+        weights, optim = ck.load_weights(folder, "model"), ck.load_state(folder, "optimizer")
+        disc = None
+        if self.disc is not None and (folder / "discriminator.safetensors").exists():
+            disc = ck.load_weights(folder, "discriminator"), ck.load_state(folder, "disc_optimizer")
+        return weights, optim, disc
 
     def save(self, step: int, extra: dict[str, Any]) -> Path:
-        """Collective (FSDP2 gathers shards); rank 0 writes, prunes to keep_last; every rank waits for it."""
+        """Collective (FSDP2 gathers shards); rank 0 checks that every weight and optimizer value is finite, writes,
+        and prunes to keep_last (never when the newest checkpoint is damaged); every rank waits for it. Non-finite
+        state is never written: every rank raises RunStopped together."""
         weights, optim = full_state(self.model, self.opt)
         dweights = doptim = None
         if self.disc is not None:
             dweights, doptim = full_state(self.disc, self.d_opt)
         folder = ck.step_dir(self.out, step)
+        tensors, states = {"model": weights}, {"optimizer": optim}
+        if dweights is not None:
+            tensors["discriminator"], states["disc_optimizer"] = dweights, doptim
+        bad = None
+        if self.env.is_main:        # under FSDP2 only rank 0 holds the full state
+            bad = next(([name, names[0], len(names)] for name, state in {**tensors, **states}.items()
+                        if (names := ck.nonfinite_tensors(state))), None)
+        bad = self.comm.broadcast(bad)
+        if bad is not None:
+            raise RunStopped(f"step {step}: {bad[2]} tensor(s) of the {bad[0]} state hold NaN or inf "
+                             f"(e.g. {bad[1]}); not saved, and the checkpoints in {self.out / ck.CHECKPOINTS} are "
+                             f"left as they were; lower train_ae.lr or set grad_clip")
         if self.env.is_main:
-            tensors, states = {"model": weights}, {"optimizer": optim}
-            if dweights is not None:
-                tensors["discriminator"], states["disc_optimizer"] = dweights, doptim
             meta = {"step": step, "model": self.model_meta(), "spec": to_dict(self.spec),
                     "world_size": self.env.world_size, "parallel": self.spec.parallel,
                     "hpcvid_version": hpcvid.__version__, **extra}
             ck.save_checkpoint(folder, tensors, states, meta)
-            ck.prune_checkpoints(self.out, self.spec.keep_last)
+            ck.prune_checkpoints(self.out, self.spec.keep_last, self.warn)
         torch.distributed.barrier()
         return folder
 
@@ -272,8 +330,12 @@ class _Trainer:
         n = max(sums[2].item(), 1)
         return {"psnr": round(sums[0].item() / n, 3), "ssim": round(sums[1].item() / n, 4), "clips": int(sums[2])}
 
-    def step(self, step: int, frames: torch.Tensor) -> dict[str, float]:
-        """One optimizer step (and one discriminator step once the GAN is on): the loss terms as floats."""
+    def step(self, step: int, frames: torch.Tensor) -> tuple[dict[str, float], bool]:
+        """One optimizer step (and one discriminator step once the GAN is on): (the loss terms as floats, skipped).
+
+        Skipped (no update on any rank, gradients dropped) when the loss, the global gradient norm, or the
+        discriminator's, is NaN or inf on any rank: the decision rests on one all-reduced flag, so the ranks never
+        diverge (a DDP/FSDP2 rank that stepped while another skipped would desynchronise them)."""
         spec, loss_spec = self.spec, self.spec.loss
         seed = _seed(spec.seed, step, self.env.rank)
         idx = torch.randint(len(frames), (spec.batch_size,), generator=torch.Generator().manual_seed(seed))
@@ -306,19 +368,32 @@ class _Trainer:
             terms.update(g_loss=g_loss, gan_weight=weight)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if spec.grad_clip:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), spec.grad_clip)
-            terms["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        self.opt.step()
-        if gan_on:
+        # the global norm is always measured (max_norm inf clips nothing): it is what every rank agrees on
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), spec.grad_clip or math.inf)
+        terms["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        checked = [loss, terms["grad_norm"]]
+        if gan_on:      # before the generator's update: the discriminator sees only x and the detached recon
             getattr(self.disc, "module", self.disc).requires_grad_(True)
             d_loss = hinge_d_loss(self.disc(x), self.disc(recon.detach()))
             self.d_opt.zero_grad(set_to_none=True)
             d_loss.backward()
-            self.d_opt.step()
+            d_norm = torch.nn.utils.clip_grad_norm_(self.disc.parameters(), math.inf)
             terms["d_loss"] = d_loss
+            checked += [d_loss, d_norm]
+        bad = torch.tensor([float(not all(math.isfinite(float(v.detach())) for v in checked))], dtype=torch.float64)
+        if self.env.world_size > 1:
+            bad = all_reduce_sum(bad, self.device)
+        skipped = bool(bad.item() > 0)
+        if skipped:
+            self.opt.zero_grad(set_to_none=True)
+            if gan_on:
+                self.d_opt.zero_grad(set_to_none=True)
+        else:
+            self.opt.step()
+            if gan_on:
+                self.d_opt.step()
         terms.update(loss=loss, psnr=psnr(recon.detach(), x).mean())
-        return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()}
+        return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()}, skipped
 
 
 # ---------------------------------------------------------------------------------------------------- stage
@@ -344,7 +419,7 @@ def _run(spec: TrainAESpec, env: Env, comm: Comm, device: torch.device) -> Train
     out = Path(spec.output)
     out.mkdir(parents=True, exist_ok=True)
     trainer = _Trainer(spec, env, comm, device)
-    start_step, meta = trainer.resume()
+    start_step, meta, folder = trainer.resume()
 
     clips = load_clips(spec.data, env.rank, env.world_size)
     counts = comm.all_gather((len(clips.frames), clips.videos, clips.problems))
@@ -367,38 +442,67 @@ def _run(spec: TrainAESpec, env: Env, comm: Comm, device: torch.device) -> Train
 
         bar = tqdm(total=spec.steps, initial=start_step, unit="step", desc=f"train-ae {trainer.kind}",
                    dynamic_ncols=True, mininterval=1.0)
-    sums: dict[str, float] = {}
-    n_sum, times, last = 0, [], None
-    folder = ck.latest_checkpoint(out)
+    interval: list[tuple[dict[str, float], bool]] = []      # (terms, skipped) of the steps since the last log line
+    times, last = [], None
+    streak, skipped_total = 0, 0                              # non-finite steps in a row / in this run
     extra = {"probe_start": probe_start, "data": {"clips": total_clips, "clip": [trainer.T, trainer.H, trainer.W]}}
-    for step in range(start_step, spec.steps):
-        t = time.perf_counter()
-        terms = trainer.step(step, clips.frames)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t)
-        for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + v
-        n_sum += 1
-        done = step + 1
-        if done % spec.log_every == 0 or done == spec.steps:
-            keys = sorted(sums)
-            mean = torch.tensor([sums[k] / n_sum for k in keys], dtype=torch.float64)
-            mean = all_reduce_sum(mean, device)
-            last = {"step": done, **{k: round(v / env.world_size, 6) for k, v in zip(keys, mean.tolist())},
-                    "lr": trainer.lr_at(step), "sec_per_step": round(statistics.mean(times[-n_sum:]), 4),
-                    "time": round(time.time() - start, 2)}
-            if log is not None:
-                log.write(last)
+
+    def log_interval(done: int, step: int) -> dict[str, Any]:
+        """Means over the interval's applied steps (over its skipped ones when none was applied, which shows their
+        NaN/inf as null) and the ranks; "skipped" counts the interval's skipped steps."""
+        applied = [t for t, skipped in interval if not skipped]
+        use = applied or [t for t, _ in interval]
+        keys = sorted(set().union(*use))
+        mean = torch.tensor([sum(t.get(k, 0.0) for t in use) / len(use) for k in keys], dtype=torch.float64)
+        mean = all_reduce_sum(mean, device)
+        record = strict_record({
+            "step": done, **{k: round(v / env.world_size, 6) for k, v in zip(keys, mean.tolist())},
+            "skipped": len(interval) - len(applied), "lr": trainer.lr_at(step),
+            "sec_per_step": round(statistics.mean(times[-len(interval):]), 4), "time": round(time.time() - start, 2)})
+        if log is not None:
+            log.write(record)
+        if bar is not None and record.get("loss") is not None:
+            bar.set_postfix(loss=f"{record['loss']:.4f}", psnr=f"{record['psnr']:.2f}", refresh=False)
+        interval.clear()
+        return record
+
+    try:
+        for step in range(start_step, spec.steps):
+            t = time.perf_counter()
+            terms, skipped = trainer.step(step, clips.frames)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t)
+            interval.append((terms, skipped))
+            streak = streak + 1 if skipped else 0
+            skipped_total += skipped
+            done = step + 1
+            if streak == 1:
+                trainer.warn(f"step {done} skipped (no update): a non-finite loss or gradient norm on some rank "
+                             f"(rank 0: loss {terms['loss']:.4g}, gradient norm {terms['grad_norm']:.4g}); "
+                             f"{spec.max_nonfinite_steps} in a row stop the run")
+            stop = streak >= spec.max_nonfinite_steps
+            if done % spec.log_every == 0 or done == spec.steps or stop:
+                last = log_interval(done, step)
             if bar is not None:
-                bar.set_postfix(loss=f"{last['loss']:.4f}", psnr=f"{last['psnr']:.2f}", refresh=False)
-            sums, n_sum = {}, 0
+                bar.update(1)
+            if stop:
+                raise RunStopped(
+                    f"diverged: {streak} steps in a row ({done - streak + 1}..{done}) had a non-finite loss "
+                    f"or gradient norm (last: loss {terms['loss']:.4g}, gradient norm {terms['grad_norm']:.4g}; "
+                    f"train_ae.max_nonfinite_steps {spec.max_nonfinite_steps}); they were skipped and not saved; "
+                    f"newest good checkpoint: {folder or 'none'}; lower train_ae.lr (now {spec.lr:g}) or add "
+                    f"warmup_steps/grad_clip, then rerun")
+            if (done % spec.checkpoint_every == 0 or done == spec.steps) and not streak:
+                folder = trainer.save(done, {**extra, "metrics": last})
+        if streak:          # the weights the run ends with gave non-finite values on its last batches
+            raise RunStopped(
+                f"the run reached step {spec.steps} with its last {streak} step(s) non-finite (skipped); "
+                f"the final state was not saved; newest good checkpoint: {folder or 'none'}; rerun with a higher "
+                f"train_ae.steps to get past them, or lower train_ae.lr (now {spec.lr:g})")
+    finally:
         if bar is not None:
-            bar.update(1)
-        if done % spec.checkpoint_every == 0 or done == spec.steps:
-            folder = trainer.save(done, {**extra, "metrics": last})
-    if bar is not None:
-        bar.close()
+            bar.close()
     probe_end = trainer.probe(probe_frames)
     seconds = time.time() - start
     probe = {"clips": probe_end["clips"], "start": probe_start, "end": probe_end}
@@ -408,7 +512,8 @@ def _run(spec: TrainAESpec, env: Env, comm: Comm, device: torch.device) -> Train
     result = TrainAEResult(
         str(out), trainer.kind, spec.model.preset, env.world_size, start_step, spec.steps, total_clips,
         round(seconds, 2), round(statistics.median(times), 4) if times else None,
-        last["loss"] if last else None, last["psnr"] if last else None, probe, str(folder), "")
+        last.get("loss") if last else None, last.get("psnr") if last else None, probe, str(folder), "",
+        skipped_total)
     result.summary = format_summary(result, trainer, clips, counts, device)
     if env.is_main:
         sh.atomic_write_json(out / "train_report.json", {**asdict(result), "model": trainer.model_meta()})
@@ -425,6 +530,10 @@ def _merge(problems: list[dict[str, int]]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(merged.items()))
 
 
+def _num(value: Optional[float], digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
 def format_summary(r: TrainAEResult, trainer: _Trainer, clips: ClipSet, counts: list, device: torch.device) -> str:
     spec = trainer.spec
     videos = sum(v for _, v, _ in counts)
@@ -439,9 +548,10 @@ def format_summary(r: TrainAEResult, trainer: _Trainer, clips: ClipSet, counts: 
         f"{'; without clips: ' + problems if problems else ''}",
     ]
     if r.seconds_per_step is not None:
+        skipped = f"; {r.skipped_steps} non-finite step(s) skipped" if r.skipped_steps else ""
         lines.append(f"  steps {r.start_step} -> {r.steps} in {r.seconds:.1f} s: {r.seconds_per_step:.3f} s/step "
-                     f"(median), batch {spec.batch_size} x {r.world_size} rank(s); last loss {r.final_loss:.4f}, "
-                     f"batch PSNR {r.final_psnr:.2f} dB")
+                     f"(median), batch {spec.batch_size} x {r.world_size} rank(s); last loss {_num(r.final_loss, 4)}, "
+                     f"batch PSNR {_num(r.final_psnr, 2)} dB{skipped}")
     else:
         lines.append(f"  already at step {r.start_step} (train_ae.steps {r.steps}): nothing to do; raise "
                      f"train_ae.steps to go on")

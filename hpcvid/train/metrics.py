@@ -84,24 +84,56 @@ def from_uint8(frames: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------- JSONL log
 
+def strict_record(record: dict[str, Any]) -> dict[str, Any]:
+    """`record` as strict JSON can hold it: NaN and +-inf become null (at any depth), and the top-level keys that
+    held them are listed under "nonfinite", so that a diverging run's log still reads with jq or a strict parser."""
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    def nonfinite(value: Any) -> bool:
+        if isinstance(value, float):
+            return not math.isfinite(value)
+        if isinstance(value, dict):
+            return any(nonfinite(v) for v in value.values())
+        return isinstance(value, (list, tuple)) and any(nonfinite(v) for v in value)
+
+    out = {k: clean(v) for k, v in record.items() if k != "nonfinite"}
+    bad = sorted({*record.get("nonfinite", ()), *(k for k, v in record.items() if k != "nonfinite" and nonfinite(v))})
+    if bad:
+        out["nonfinite"] = bad
+    return out
+
+
+def _line(record: dict[str, Any]) -> str:
+    return json.dumps(strict_record(record), allow_nan=False) + "\n"
+
+
 class MetricsLog:
-    """One JSON object a line. On resume from step s, lines after s (work that is redone) are dropped first."""
+    """One strict JSON object a line (NaN/inf written as null, see strict_record). On resume from step s, lines after
+    s (work that is redone) are dropped first."""
 
     def __init__(self, path: Path, resume_step: Optional[int] = None):
         self.path = Path(path)
         if resume_step is not None and self.path.exists():
             kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
-            atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+            atomic_write_bytes(self.path, "".join(_line(r) for r in kept).encode())
         elif resume_step is None and self.path.exists():
             self.path.unlink()
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(_line(record))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Every complete line; a torn last line (a crash mid-write) is skipped."""
+    """Every complete line; a torn last line (a crash mid-write) is skipped. Bare NaN/Infinity (logs written before
+    strict_record) are still read, as float NaN/inf."""
     out = []
     for line in Path(path).read_text().splitlines():
         try:

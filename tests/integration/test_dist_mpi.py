@@ -128,14 +128,16 @@ def test_torchrun_style_two_processes(tmp_path):
 ABORT_SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})
-from hpcvid.cli import _run_stage
+from hpcvid.cli import run_on_ranks
+from hpcvid.dist import Env, make_comm
 
 def run(spec, env, comm):
     if env.rank == 1:
         raise RuntimeError("boom on rank 1")
     comm.barrier()   # rank 0 would wait here forever if rank 1's failure did not end the job
 
-sys.exit(_run_stage(run, None, "test"))
+env = Env.discover()
+sys.exit(run_on_ranks(run, None, env, make_comm(env), "test"))
 """
 
 

@@ -2,7 +2,9 @@
 
 Tiny settings (8-frame clips at 32x32, batch 1) keep each run to seconds on 2 cores. The learning test
 (`-k learning`) trains the tiny Reducio-VAE for 200 steps and checks that reconstruction quality rises by margins
-measured on this machine (see its docstring); it runs in the default suite (about a minute).
+measured on this machine (see its docstring); it runs in the default suite (about a minute). The safety tests
+(`-k "damaged or diverging or without_hashes"`) damage checkpoints in place and make a resumed run diverge (lr 1000),
+through the CLI and under mpiexec.
 """
 from __future__ import annotations
 
@@ -333,3 +335,108 @@ def test_stage_jobs_pickle_and_progress(tmp_path, synthetic_videos):
     assert eval_ae.progress(parse_spec(JobSpec, {"eval_ae": eval_section(synthetic_videos.folder, tmp_path,
                                                                          tmp_path / "e")}, "<t>").eval_ae) == \
         "not started"
+
+
+# ---------------------------------------------------------------------------------------------------- safety
+
+@pytest.fixture(scope="module")
+def trained_4_steps(tmp_path_factory, synthetic_videos) -> Path:
+    """A tiny Reducio run of 4 steps with checkpoints at 2 and 4 (keep_last 3); tests copy it before changing it."""
+    tmp = tmp_path_factory.mktemp("safety")
+    run_train(train_section(synthetic_videos.folder, tmp / "run", keep_last=3), tmp)
+    assert steps_of(tmp / "run") == [2, 4]
+    return tmp / "run"
+
+
+def copy_run(run: Path, tmp_path: Path, videos: Path, **changes) -> tuple[Path, Path]:
+    """(a private copy of the run, a job file training it with `changes`)."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    return out, write(tmp_path / "job.yaml", train_ae=train_section(videos, out, keep_last=3, **changes))
+
+
+def stderr_lines(res, *needles: str) -> list[str]:
+    return [ln for ln in res.stderr.splitlines() if all(n in ln for n in needles)]
+
+
+def sha256s(out: Path) -> dict[str, str]:
+    return {f"{p.parent.name}/{p.name}": ck.file_sha256(p) for p in sorted((out / "checkpoints").rglob("*.*"))}
+
+
+def strict_jsonl(path: Path) -> list[dict]:
+    return [json.loads(ln, parse_constant=lambda c: pytest.fail(f"bare {c} in {path}: {ln}"))
+            for ln in path.read_text().splitlines()]
+
+
+def test_resume_skips_a_checkpoint_damaged_in_place(tmp_path, synthetic_videos, trained_4_steps, run_cli):
+    """Bytes in the middle of step 4's weights overwritten with 0xFF (NaN as float32), the size unchanged: eval
+    refuses the folder in one line; training warns once, resumes from step 2, and keeps every good checkpoint."""
+    out, job = copy_run(trained_4_steps, tmp_path, synthetic_videos.folder, steps=6)
+    weights = ck.step_dir(out, 4) / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.seek(size // 2)
+        f.write(b"\xff" * 4096)
+    assert weights.stat().st_size == size
+
+    ev = write(tmp_path / "eval.yaml",
+               eval_ae=eval_section(synthetic_videos.folder, ck.step_dir(out, 4), tmp_path / "e"))
+    assert_user_error(run_cli(["eval-ae", ev]), "step-000004/model.safetensors", "sha256")
+
+    res = run_cli(["train-ae", job])
+    assert_cli_ok(res)
+    warned = stderr_lines(res, "warning")
+    assert len(warned) == 1 and "step-000004" in warned[0] and "skipped" in warned[0], res.stderr
+    assert "steps 2 -> 6" in res.stdout
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["start_step"] == 2 and report["skipped_steps"] == 0
+    assert steps_of(out) == [2, 4, 6]
+    for step in (2, 4, 6):                                       # 4 rewritten by the resumed run, all verified
+        assert ck.check_checkpoint(ck.step_dir(out, step))[1] is None
+    final = ck.load_weights(ck.step_dir(out, 6))
+    assert all(torch.isfinite(v).all() for v in final.values())
+    assert [r["step"] for r in strict_jsonl(out / "metrics.jsonl")] == [2, 4, 6]
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_diverging_run_stops_with_exit_3_and_keeps_its_checkpoints(tmp_path, synthetic_videos, trained_4_steps,
+                                                                   run_cli, mpiexec, ranks):
+    """lr 1000 from the step-4 checkpoint: step 5 still has a finite loss but its update gives NaN from step 6 on
+    (measured: tiny Reducio, loss and gradient norm NaN). Skipped steps 6, 7, 8 reach max_nonfinite_steps 3: exit 3
+    with one line per rank, nothing saved at the step-6 checkpoint, nothing pruned, every rank stopped (no hang)."""
+    out, job = copy_run(trained_4_steps, tmp_path, synthetic_videos.folder, steps=12, lr=1000.0,
+                        max_nonfinite_steps=3, log_every=1)
+    before = sha256s(out)
+    launcher = [mpiexec, "-n", "2"] if ranks == 2 else []
+    res = run_cli(["train-ae", job], launcher=launcher, timeout=120)
+    assert res.returncode == 3, f"exit {res.returncode}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+    assert "Traceback" not in res.stderr and "train-ae:" not in res.stdout      # no summary: it did not finish
+    stopped = stderr_lines(res, "diverged: 3 steps in a row (6..8)")
+    assert len(stopped) == ranks and all("step-000004" in ln for ln in stopped), res.stderr
+    assert steps_of(out) == [2, 4] and sha256s(out) == before       # not saved at 6, nothing pruned or rewritten
+    records = strict_jsonl(out / "metrics.jsonl")
+    assert [(r["step"], r["skipped"]) for r in records[2:]] == [(5, 0), (6, 1), (7, 1), (8, 1)]
+    assert records[-1]["loss"] is None and "loss" in records[-1]["nonfinite"]
+
+
+def test_resume_falls_back_past_an_unreadable_checkpoint_without_hashes(tmp_path, synthetic_videos, trained_4_steps,
+                                                                        capsys):
+    """Checkpoints of format 1 (no sha256 in meta.json) still resume, with a note; one whose safetensors header is
+    damaged is caught when read (no hash to catch it before) and skipped like a hash mismatch."""
+    out, job = copy_run(trained_4_steps, tmp_path, synthetic_videos.folder)
+    for step in (2, 4):
+        meta_path = ck.step_dir(out, step) / ck.META
+        meta = json.loads(meta_path.read_text())
+        del meta["sha256"]
+        meta_path.write_text(json.dumps(meta))
+    with open(ck.step_dir(out, 4) / "model.safetensors", "r+b") as f:
+        f.write(b"\xff" * 8)                                     # the header length: far beyond the file
+    result = train_ae.run(load_job(job).train_ae, Env.single())
+    assert result.start_step == 2 and steps_of(out) == [2, 4]
+    err = capsys.readouterr().err
+    skipped = [ln for ln in err.splitlines() if "skipped" in ln]
+    assert len(skipped) == 1 and "step-000004/model.safetensors: cannot read the weights" in skipped[0], err
+    assert "step-000002 has no sha256" in err
+    assert ck.has_hashes(ck.check_checkpoint(ck.step_dir(out, 4))[0])     # rewritten by this version

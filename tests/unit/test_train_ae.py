@@ -236,6 +236,137 @@ def test_weights_that_do_not_fit_are_a_user_error(tmp_path):
         load_autoencoder(folder)
 
 
+def damage(path, offset=None, data=b"\xff" * 64):
+    """Overwrite bytes in place (the size stays): 0xFF in float32 data reads as NaN. The hash cache is cleared as a
+    later process (the resume) would start without it."""
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek(size // 2 if offset is None else offset)
+        f.write(data)
+    assert os.path.getsize(path) == size
+    ck._HASHED.clear()
+
+
+def test_checkpoint_records_sha256_of_every_file(tmp_path):
+    import hashlib
+
+    model, opt = trained_pair("cmd")
+    folder = save(ck.step_dir(tmp_path, 2), "cmd", model, opt)
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["format_version"] == 2 and set(meta["sha256"]) == set(meta["files"]) == {"model.safetensors",
+                                                                                          "optimizer.pt"}
+    for name, digest in meta["sha256"].items():
+        assert digest == hashlib.sha256((folder / name).read_bytes()).hexdigest(), name
+    assert ck.check_checkpoint(folder) == (meta, None) and ck.has_hashes(meta)
+
+
+@pytest.mark.parametrize("file, offset", [("model.safetensors", None), ("optimizer.pt", None),
+                                          ("model.safetensors", 0)], ids=["weights", "optimizer", "header"])
+def test_latest_valid_skips_a_checkpoint_damaged_in_place(tmp_path, file, offset):
+    model, opt = trained_pair("cmd")
+    for step in (1, 2, 3):
+        save(ck.step_dir(tmp_path, step), "cmd", model, opt, step)
+    damage(ck.step_dir(tmp_path, 3) / file, offset)
+    assert ck.latest_checkpoint(tmp_path) == ck.step_dir(tmp_path, 3)     # by sizes alone it still looks complete
+    warnings = []
+    assert ck.latest_valid_checkpoint(tmp_path, warnings.append) == ck.step_dir(tmp_path, 2)
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    assert f"{ck.step_dir(tmp_path, 3) / file}: content differs from the sha256" in warnings[0]
+    # eval/prep: the damaged step folder, or an output folder whose newest checkpoint it is, is a one-line UserError
+    for given in (ck.step_dir(tmp_path, 3), tmp_path):
+        with pytest.raises(UserError, match=f"{file}: content differs") as err:
+            load_autoencoder(given)
+        assert "\n" not in str(err.value)
+    assert load_autoencoder(ck.step_dir(tmp_path, 2))[3]["step"] == 2
+
+
+def test_damaged_files_without_hashes_are_one_line_user_errors(tmp_path):
+    """Format-1 checkpoints (no sha256) are checked by size only: the loaders themselves must turn damage into a
+    UserError naming the file, never a traceback."""
+    model, opt = trained_pair("cmd")
+    folder = save(ck.step_dir(tmp_path, 1), "cmd", model, opt)
+    meta = json.loads((folder / "meta.json").read_text())
+    del meta["sha256"]
+    (folder / "meta.json").write_text(json.dumps(meta))
+    assert ck.check_checkpoint(folder)[1] is None and not ck.has_hashes(ck.check_checkpoint(folder)[0])
+    good = (folder / "model.safetensors").read_bytes()
+    damage(folder / "model.safetensors")                                  # NaN in the middle of the tensor data
+    with pytest.raises(UserError, match=r"model\.safetensors: \d+ tensor\(s\) hold NaN or inf"):
+        load_autoencoder(folder)
+    (folder / "model.safetensors").write_bytes(good)
+    damage(folder / "model.safetensors", offset=0)                        # the header's length field
+    with pytest.raises(UserError, match=r"model\.safetensors: cannot read the weights, damaged") as err:
+        load_autoencoder(folder)
+    assert "\n" not in str(err.value)
+    for offset in (0, None):
+        damage(folder / "optimizer.pt", offset)
+        with pytest.raises(UserError, match=r"optimizer\.pt: cannot load|optimizer\.pt: .*NaN"):
+            ck.load_state(folder, "optimizer")
+
+
+def test_pruning_never_loses_good_checkpoints_to_a_damaged_newer_one(tmp_path):
+    model, opt = trained_pair("cmd")
+    for step in (1, 2, 3, 4):
+        save(ck.step_dir(tmp_path, step), "cmd", model, opt, step)
+    damage(ck.step_dir(tmp_path, 4) / "model.safetensors")
+    warnings = []
+    assert ck.prune_checkpoints(tmp_path, keep_last=2, warn=warnings.append) == []   # newest damaged: nothing goes
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [1, 2, 3, 4]
+    assert len(warnings) == 1 and "not pruning" in warnings[0] and "step-000004" in warnings[0]
+    save(ck.step_dir(tmp_path, 5), "cmd", model, opt, 5)                  # a resumed run saves a good newer one
+    removed = ck.prune_checkpoints(tmp_path, keep_last=2)
+    assert sorted(p.name for p in removed) == ["step-000001", "step-000002", "step-000004"]
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [3, 5]        # the two newest good ones
+    assert all(ck.check_checkpoint(ck.step_dir(tmp_path, s))[1] is None for s in (3, 5))
+
+
+def test_verification_hashes_each_unchanged_file_once(tmp_path, monkeypatch):
+    model, opt = trained_pair("cmd")
+    folder = save(ck.step_dir(tmp_path, 1), "cmd", model, opt)
+    calls = []
+    real = ck._hash_file
+    monkeypatch.setattr(ck, "_hash_file", lambda path: calls.append(path.name) or real(path))
+    for _ in range(3):
+        assert ck.check_checkpoint(folder)[1] is None
+    assert calls == []                                                    # hashed while written: nothing to redo
+    ck._HASHED.clear()
+    for _ in range(3):
+        assert ck.check_checkpoint(folder)[1] is None
+    assert sorted(calls) == ["model.safetensors", "optimizer.pt"]         # once each, then cached
+    st = (folder / "optimizer.pt").stat()
+    os.utime(folder / "optimizer.pt", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))   # touched: hashed again
+    assert ck.check_checkpoint(folder)[1] is None and calls.count("optimizer.pt") == 2
+
+
+def test_non_finite_state_is_never_saved(tmp_path):
+    from hpcvid.config import RunStopped
+
+    model, opt = trained_pair("cmd")
+    weights, optim = full_state(model, opt)
+    key = next(iter(weights))
+    weights[key] = weights[key].clone()
+    weights[key].view(-1)[0] = float("nan")
+    with pytest.raises(RunStopped, match=f"not saved.*NaN or inf.*{key}"):
+        ck.save_checkpoint(ck.step_dir(tmp_path, 1), {"model": weights}, {"optimizer": optim}, {"step": 1})
+    assert not (ck.step_dir(tmp_path, 1) / "meta.json").exists() and ck.list_checkpoints(tmp_path) == []
+
+
+def test_metrics_lines_stay_strict_json(tmp_path):
+    def strict(line):
+        return json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in {line}"))
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": NaN}\n{"step": 2, "loss": 1.0}\n')   # a log from before strict_record
+    log = MetricsLog(path, resume_step=2)
+    log.write({"step": 3, "loss": float("nan"), "grad_norm": float("inf"), "l1": 0.5, "x": [1.0, -math.inf]})
+    lines = [strict(ln) for ln in path.read_text().splitlines()]
+    assert lines[0] == {"step": 1, "loss": None, "nonfinite": ["loss"]} and lines[1] == {"step": 2, "loss": 1.0}
+    assert lines[2] == {"step": 3, "loss": None, "grad_norm": None, "l1": 0.5, "x": [1.0, None],
+                        "nonfinite": ["grad_norm", "loss", "x"]}
+    assert read_jsonl(path) == lines
+    curves_png(lines, tmp_path / "curves.png")                            # nulls are gaps, not a crash
+
+
 # ---------------------------------------------------------------------------------------------------- configs
 
 def test_compression_figures_of_the_presets():
