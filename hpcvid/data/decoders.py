@@ -128,6 +128,7 @@ class PyAVSource:
         self.index, self.num_threads = index, num_threads
         self._position = {p: i for i, p in enumerate(index.pts)} if index.pts is not None else None
         self._container, self._frames, self._last, self._count = None, None, -1, 0
+        self._seeker = None             # a second container for decode_at, kept between checks
 
     def get(self, indices: list[int]) -> np.ndarray:
         """Decode forward from the start (or from where the last call stopped) to the wanted frames."""
@@ -189,28 +190,30 @@ class PyAVSource:
         if self.index.pts is None:
             raise Untrusted(f"{self.index.path} has no usable timestamps: a seek cannot be checked")
         target = self.index.pts[frame_index]
-        with av.open(self.index.path) as container:
-            stream = container.streams.video[0]
-            container.seek(target, stream=stream, backward=True, any_frame=False)
-            started = False
-            for n, frame in enumerate(container.decode(stream)):
-                if n > MAX_FRAMES_AFTER_SEEK or frame.pts is None:
-                    break
-                if not started:
-                    if frame.pts > target:
-                        raise Untrusted(f"a seek to frame {frame_index} of {self.index.path} landed after it "
-                                        f"(timestamp {frame.pts} > {target}): the container's index is off")
-                    started = is_real_keyframe(frame)
-                    if not started and frame.pts == target:
-                        raise Untrusted(f"no real keyframe at or before frame {frame_index} of {self.index.path} "
-                                        f"after a seek: the index marks as keyframes frames that are not")
-                    if not started:
-                        continue    # a leading frame decoded before any keyframe (open GOP): not trusted
-                if frame.pts == target:
-                    return frame.reformat(width=self.index.width, height=self.index.height,
-                                          format="rgb24").to_ndarray()  # (H, W, 3)
+        if self._seeker is None:        # one container for every check of this reader: opening one costs ~2 ms
+            self._seeker = av.open(self.index.path)
+        container = self._seeker
+        stream = container.streams.video[0]
+        container.seek(target, stream=stream, backward=True, any_frame=False)
+        started = False
+        for n, frame in enumerate(container.decode(stream)):
+            if n > MAX_FRAMES_AFTER_SEEK or frame.pts is None:
+                break
+            if not started:
                 if frame.pts > target:
-                    break
+                    raise Untrusted(f"a seek to frame {frame_index} of {self.index.path} landed after it "
+                                    f"(timestamp {frame.pts} > {target}): the container's index is off")
+                started = is_real_keyframe(frame)
+                if not started and frame.pts == target:
+                    raise Untrusted(f"no real keyframe at or before frame {frame_index} of {self.index.path} "
+                                    f"after a seek: the index marks as keyframes frames that are not")
+                if not started:
+                    continue    # a leading frame decoded before any keyframe (open GOP): not trusted
+            if frame.pts == target:
+                return frame.reformat(width=self.index.width, height=self.index.height,
+                                      format="rgb24").to_ndarray()  # (H, W, 3)
+            if frame.pts > target:
+                break
         raise Untrusted(f"frame {frame_index} of {self.index.path} never came after a seek to its timestamp")
 
     def _restart(self) -> None:
@@ -227,6 +230,12 @@ class PyAVSource:
         if self._container is not None:
             self._container.close()
         self._container, self._frames, self._last, self._count = None, None, -1, 0
+
+    def close_all(self) -> None:
+        self.close()
+        if self._seeker is not None:
+            self._seeker.close()
+            self._seeker = None
 
 
 # ---------------------------------------------------------------------------------------------------- decord

@@ -150,16 +150,20 @@ class VideoReader:
         probes = self._fast.anchors(idx)
         if self._counts_disagree:    # then where decord's count ends is in doubt: its last frame may be a repeat
             probes |= {self.info.num_frames - 1} & set(idx)
-        order = sorted(set(idx) | probes)
-        frames = self._shape_checked(self._fast.get(order), len(order))       # (U, H, W, 3)
-        row = {f: i for i, f in enumerate(order)}
+        # the anchors that are not wanted come in a call of their own (keyframes: cheap), so that the wanted
+        # frames need no copy into a new array (a batch of 720p frames is ~100 MB)
+        extra = sorted(probes - set(idx))
+        frames = self._shape_checked(self._fast.get(idx), len(idx))                    # (N, H, W, 3)
+        others = self._shape_checked(self._fast.get(extra), len(extra)) if extra else None
+        where = {f: frames[i] for i, f in enumerate(idx)}
+        where.update({f: others[i] for i, f in enumerate(extra)})
         for p in sorted(probes):
-            sure = self._sure.decode_at(p)                                      # (H, W, 3)
-            diff = float(np.abs(frames[row[p]].astype(np.int16) - sure.astype(np.int16)).mean())
+            sure = self._sure.decode_at(p)                                              # (H, W, 3)
+            diff = float(np.abs(where[p].astype(np.int16) - sure.astype(np.int16)).mean())
             if diff > SAME_FRAME_TOLERANCE:
                 raise Untrusted(f"decord's frame {p} of {self.path} is not the frame at its timestamp (mean "
                                 f"difference {diff:.1f} grey levels): its random access cannot be trusted here")
-        return frames[[row[i] for i in idx]]                                    # (N, H, W, 3)
+        return frames
 
     def _shape_checked(self, frames: np.ndarray, n: int) -> np.ndarray:
         want = (n, self.info.height, self.info.width, 3)
@@ -172,7 +176,7 @@ class VideoReader:
         return self.index.seconds(frame)
 
     def close(self) -> None:
-        self._sure.close()
+        self._sure.close_all()
         if self._fast is not None:
             self._fast.close()
 
