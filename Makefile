@@ -74,4 +74,4 @@ lock-upgrade:
 	$(call compile_lock,--upgrade)
 
 clean-quickstart:
-	rm -rf data/quickstart
+	rm -rf data/quickstart runs/tiny_reducio runs/tiny_cmd

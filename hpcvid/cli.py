@@ -185,6 +185,7 @@ def run_on_ranks(run, spec, env, comm, command: str, job_path: Optional[str] = N
 
 def _inspect(folder: Path, verify: bool, as_json: bool) -> int:
     from hpcvid.data import shards as sh
+    from hpcvid.data.shard_file import ShardFormatError, ShardReader
     from hpcvid.stages.prep import human_bytes
 
     if not (folder / "dataset.json").is_file():
@@ -208,14 +209,20 @@ def _inspect(folder: Path, verify: bool, as_json: bool) -> int:
             print(f"  {status} {reason}: {n}")
     for code, n in sorted(index.get("warnings", {}).items()):
         print(f"  warning {code}: {n}   (clips kept; details in {folder / 'warnings.jsonl'})")
+    if t["clips"]:
+        per_clip = {k: v / t["clips"] for k, v in sh.dataset_field_bytes(folder, index).items()}
+        fields = ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(per_clip.items(), key=lambda kv: -kv[1]))
+        print(f"  bytes per clip {human_bytes(sum(per_clip.values()))}: {fields}")
     if verify:
         bad = 0
         for entry in index["shards"]:
-            try:
-                n = sh.validate_shard(folder / entry["file"], index["latent"]["shapes"])
+            try:   # reads every clip: shapes, offsets, and every stored picture decoded
+                with ShardReader(folder / entry["file"]) as shard:
+                    shard.validate(index["latent"]["shapes"])
+                    n = sum(1 for _ in shard)
                 if n != entry["clips"]:
-                    raise sh.ShardFormatError(f"{entry['file']}: {n} clips stored, marker says {entry['clips']}")
-            except sh.ShardFormatError as e:
+                    raise ShardFormatError(f"{entry['file']}: {n} clips stored, marker says {entry['clips']}")
+            except ShardFormatError as e:
                 bad += 1
                 print(f"  BAD {e}")
         print(f"  verified {len(index['shards']) - bad}/{len(index['shards'])} shards")

@@ -115,6 +115,9 @@ class ShardSpec:
     rows_per_shard: int = _num(256, gt=0, le=10 ** 6)   # one worker writes a shard whole; a million rows of clips
                                                         # would be a shard of terabytes
     compression: Literal["auto", "gzip", "lzf", "none"] = "auto"   # auto: gzip for integer data, none for floats
+    image_codec: Literal["png", "webp"] = "png"   # pictures beside the latents (content frames): png is lossless,
+                                                  # webp lossy at image_quality (~4x smaller on natural frames)
+    image_quality: int = _num(95, ge=1, le=100)   # webp quality (Pillow's scale); png ignores it
 
 
 @dataclass(frozen=True)
@@ -205,11 +208,13 @@ class AEDataSpec:
 
 @dataclass(frozen=True)
 class AELossSpec:
-    """Loss weights (METHODS.md §1). l1 is the mean absolute error per pixel; kl is the KL divergence summed over
+    """Loss weights (METHODS.md §1). l1 is the mean absolute error per pixel (mse the squared one); kl is the KL
+    divergence summed over
     a clip's latent and divided by its pixel count (so the weight means what the paper's 1e-6 means); ssim weighs
     1 - SSIM per frame, the perceptual stand-in (no LPIPS/VGG weights offline); gan a hinge 3D PatchGAN with the
     adaptive weight, from gan_start_step on."""
     l1: float = _num(1.0, ge=0, le=_MAX_WEIGHT)
+    mse: float = _num(0.0, ge=0, le=_MAX_WEIGHT)   # mean squared error per pixel: what PSNR measures
     kl: float = _num(1e-6, ge=0, le=_MAX_WEIGHT)
     ssim: float = _num(0.1, ge=0, le=_MAX_WEIGHT)
     gan: float = _num(0.0, ge=0, le=_MAX_WEIGHT)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import uuid
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from hpcvid.io import atomic_write_with
 from hpcvid.data.decoders import (SAME_FRAME_TOLERANCE, ContainerIndex, DecordSource, PyAVSource, Untrusted,
                                   VideoError, one_line)
 
@@ -326,8 +326,8 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float, codec: str = "li
     if deterministic and codec != "libx264":
         raise ValueError(f"deterministic encoding is only known for libx264, not {codec}")
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix or '.mp4'}")
-    try:
+
+    def encode(tmp: Path) -> None:
         with av.open(str(tmp), "w", format="mp4" if not path.suffix else None,
                      options={"movflags": "+faststart"}) as container:
             stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
@@ -339,9 +339,5 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float, codec: str = "li
             for frame in frames:  # (H, W, 3)
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
             container.mux(stream.encode())  # flush delayed frames
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    atomic_write_with(path, encode, keep_suffix=True)     # the suffix tells ffmpeg the container format

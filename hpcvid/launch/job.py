@@ -89,7 +89,7 @@ class StageJob:
         return Path(self.run_dir) / "status" / self.name / f"{task}.rank{rank:04d}.json"
 
     def _record(self, env, state: str, **extra: Any) -> None:
-        from hpcvid.data.shards import atomic_write_json
+        from hpcvid.io import atomic_write_json
 
         path = self.status_path(env.rank)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
 
 from hpcvid.config import (SpecError, UserError, _positive_or_none, _ValueProblem, apply_override, load_job,
                            parse_spec, read_yaml, to_dict)

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import yaml
 
 from hpcvid.config import UserError, parse_spec, JobSpec
-from hpcvid.data.shards import atomic_write_bytes, atomic_write_json, read_json
+from hpcvid.io import atomic_write_bytes, atomic_write_json, read_json
 from hpcvid.launch.executors import make_executor
 from hpcvid.launch.job import StageJob
 from hpcvid.launch.pipeline import PlannedStage, Resources, load_pipeline

@@ -13,7 +13,7 @@ import shlex
 from pathlib import Path
 
 from hpcvid.config import UserError
-from hpcvid.data.shards import atomic_write_bytes
+from hpcvid.io import atomic_write_bytes
 from hpcvid.launch.pipeline import PlannedStage, check_planned_stage, load_pipeline, shown
 
 

@@ -41,6 +41,10 @@ class CMDConfig:
     frames: int = 16
     image_size: tuple[int, int] = (256, 256)
     mlp_ratio: float = 4.0
+    # ours, not the paper's: the decoder's output is added to the content frame x_bar (repeated over time) and its
+    # last layer starts at zero, so the first decode is x_bar itself and training learns the motion on top. False
+    # keeps checkpoints of hpcvid 0.1 loading as they were.
+    content_residual: bool = False
 
     def __post_init__(self):
         for key in ("in_channels", "patch_size", "width", "depth", "heads", "motion_channels", "frames"):
@@ -62,10 +66,12 @@ class CMDConfig:
 
 
 CMD_PRESETS = {
-    # METHODS.md §2: patch 2, width 384, depth 8, D 8 (the paper's ablation prefers D 16: a config value)
-    "paper": CMDConfig(),
+    # METHODS.md §2: patch 2, width 384, depth 8, D 8 (the paper's ablation prefers D 16: a config value); plus
+    # the content residual (see CMDConfig.content_residual)
+    "paper": CMDConfig(content_residual=True),
     # CPU training on 16x64x64 clips: 8x8 tokens per frame, z_x and z_y 8 x 16 x 8 (patch 4 costs ~4x the time)
-    "tiny": CMDConfig(patch_size=8, width=128, depth=2, heads=2, motion_channels=8, frames=16, image_size=(64, 64)),
+    "tiny": CMDConfig(patch_size=8, width=128, depth=2, heads=2, motion_channels=8, frames=16, image_size=(64, 64),
+                      content_residual=True),
 }
 
 
@@ -143,6 +149,9 @@ class CMDAutoencoder(nn.Module):
         self.from_z_y = nn.Linear(d, w)
         self.decoder = Transformer(c)
         self.out = nn.Linear(w, c.patch_dim)
+        if c.content_residual:          # the first decode is the content frame itself
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
 
     def latent_shapes(self, num_frames: Optional[int] = None, height: Optional[int] = None,
                       width: Optional[int] = None) -> dict[str, tuple[int, ...]]:
@@ -204,7 +213,8 @@ class CMDAutoencoder(nn.Module):
         my = self.from_z_y(z_y.permute(0, 2, 3, 1))                   # (B, L, W', width)
         h = frame + mx[:, :, :, None] + my[:, :, None]                 # (B, L, H', W', width)
         h = self.out(self.decoder(h))                                  # (B, L, H', W', p*p*C)
-        return unpatchify_frames(h, c.patch_size, c.in_channels)       # (B, C, L, H, W)
+        video = unpatchify_frames(h, c.patch_size, c.in_channels)      # (B, C, L, H, W)
+        return video + content[:, :, None] if c.content_residual else video
 
     def forward(self, video: torch.Tensor) -> dict[str, torch.Tensor]:
         content, z_x, z_y = self.encode(video)                         # (B, C, H, W), (B, D, L, H'), (B, D, L, W')

@@ -9,7 +9,7 @@ comes back through that cross-attention, so the latent only has to carry motion.
     out = model(video)                                   # video in [-1, 1]: dict(recon, mean, logvar, z)
     mean, logvar = model.encode(video)                   # (B, C_z, T', H', W') each
     z = model.sample(mean, logvar)                       # layer-normalised over (C, T, H, W)
-    recon = model.decode(z, model.content_image(video))  # (B, 3, T, H, W)
+    recon = model.decode(z, model.content_image(video))  # (B, 3, T, H, W); content maps optional, as 3rd argument
 
 Losses, discriminators and checkpoints live outside (hpcvid.train / stages.train_ae); this file imports torch only.
 """
@@ -28,7 +28,6 @@ from hpcvid.models.layers import (HEAD_DIM, CrossAttentionBlock, Downsample2d, D
                                   sinusoidal_embedding)
 
 LOGVAR_RANGE = (-30.0, 20.0)   # clamp of the posterior log-variance, as in the latent-diffusion VAEs
-ContentInput = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -53,6 +52,10 @@ class ReducioConfig:
     cross_attn_window: int = 32                             # spatial window of the content cross-attention
     head_dim: int = HEAD_DIM
     dropout: float = 0.0
+    # ours, not the paper's: the decoder adds its output to the content image repeated over time, and starts from a
+    # zero output layer, so any latent first decodes to the repeated centre frame (the baseline a video autoencoder
+    # must beat) and training spends its steps on motion. False keeps checkpoints of hpcvid 0.1 loading as they were.
+    content_residual: bool = False
 
     def __post_init__(self):
         if not isinstance(self.patch_size, int) or self.patch_size < 1 or self.patch_size & (self.patch_size - 1):
@@ -123,15 +126,16 @@ class ReducioConfig:
 
 
 REDUCIO_PRESETS = {
-    # METHODS.md §1: 16x256x256 -> 16x4x8x8 (32x space, 4x time), content encoder 128 x (1,2,4,4)
-    "paper": ReducioConfig(),
+    # METHODS.md §1: 16x256x256 -> 16x4x8x8 (32x space, 4x time), content encoder 128 x (1,2,4,4); plus the
+    # content residual (see ReducioConfig.content_residual)
+    "paper": ReducioConfig(content_residual=True),
     # CPU training on 16x64x64 clips: 8x space (2x2 patches, then 2 steps), 4x time -> 16x4x8x8 latents.
     # The patches matter on CPU: oneDNN's Conv3d weight gradient is slow on full-resolution maps with many frames
     # (~0.6 s per batch-2 step here against ~1.6 s for the same widths without patches, 2 cores).
     "tiny": ReducioConfig(patch_size=2, base_channels=16, channel_mults=(1, 2, 4), blocks_per_level=1,
                           temporal_downsample_steps=2, latent_channels=16, attention_window=(4, 8, 8),
                           content_channels=32, content_mults=(1, 2, 4, 4), cross_attn_levels=("mid", 4, 2),
-                          cross_attn_window=16),
+                          cross_attn_window=16, content_residual=True),
 }
 
 
@@ -288,6 +292,9 @@ class Decoder3d(nn.Module):
         self.levels = nn.ModuleList(DecoderLevel(config, i) for i in reversed(range(S + 1)))   # coarse -> fine
         self.norm_out = norm(ch[0])
         self.conv_out = nn.Conv3d(ch[0], config.in_channels * config.patch_size ** 2, 3, padding=1)
+        if config.content_residual:     # the output starts at zero: the content image alone is the first decode
+            nn.init.zeros_(self.conv_out.weight)
+            nn.init.zeros_(self.conv_out.bias)
 
     def content_at(self, feats: Sequence[torch.Tensor], factor: int) -> torch.Tensor:
         """The content map at H/factor; past the deepest map, that map average-pooled down to H/factor."""
@@ -370,18 +377,21 @@ class ReducioVAE(nn.Module):
             raise ValueError(f"Reducio-VAE content image: H, W must be divisible by {fs}, got {tuple(image.shape)}")
         return self.content_encoder(image)
 
-    def decode(self, z: torch.Tensor, content: ContentInput) -> torch.Tensor:
-        """z (B, C_z, T', H', W') + content image (B, 3, H, W) or its encode_content maps -> video (B, 3, T, H, W)."""
+    def decode(self, z: torch.Tensor, content_image: torch.Tensor,
+               content_maps: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+        """z (B, C_z, T', H', W') + the content image (B, 3, H, W) -> video (B, 3, T, H, W). content_maps: the
+        image's encode_content maps when they are at hand (computed here otherwise)."""
         check_shape(z, 5, "Reducio-VAE latent", "(B, C_z, T', H', W')", self.config.latent_channels)
         fs = self.config.spatial_factor
         want = (z.shape[0], z.shape[-2] * fs, z.shape[-1] * fs)
-        first = content if isinstance(content, torch.Tensor) else (content[0] if len(content) else None)
-        if first is None or first.ndim != 4 or (first.shape[0], *first.shape[-2:]) != want:
-            got = "no maps" if first is None else tuple(first.shape)
-            raise ValueError(f"Reducio-VAE decode: latent {tuple(z.shape)} needs a content image (or its first "
-                             f"content map) with (B, H, W) = {want}, got {got}")
-        feats = self.encode_content(content) if isinstance(content, torch.Tensor) else list(content)
-        return self.decoder(z, feats)
+        if content_image.ndim != 4 or (content_image.shape[0], *content_image.shape[-2:]) != want:
+            raise ValueError(f"Reducio-VAE decode: latent {tuple(z.shape)} needs a content image with (B, H, W) = "
+                             f"{want}, got {tuple(content_image.shape)}")
+        feats = list(content_maps) if content_maps is not None else self.encode_content(content_image)
+        video = self.decoder(z, feats)                                 # (B, 3, T, H, W)
+        if self.config.content_residual:
+            video = video + content_image[:, :, None]                  # the frame, repeated over T
+        return video
 
     def forward(self, video: torch.Tensor, generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
         """Training pass: a sampled latent in train mode, the mean (deterministic) in eval mode."""

@@ -5,8 +5,8 @@ A prep encoder turns a batch of uint8 clips (B, T, H, W, 3) into latents (B, ...
 what made them and a dataset never mixes two encoders.
 
     pixels   raw frames (3, T, H/d, W/d) uint8
-    reducio  a train_ae checkpoint of a Reducio-VAE: latent (C_z, T/f_t, H/f_s, W/f_s) float16 + extras/content
-    cmd      a train_ae checkpoint of a CMD autoencoder: [z_x | z_y] (D, T, H/p + W/p) float16 + extras/content
+    reducio  a train_ae checkpoint of a Reducio-VAE: latent (C_z, T/f_t, H/f_s, W/f_s) float16 + images/content
+    cmd      a train_ae checkpoint of a CMD autoencoder: [z_x | z_y] (D, T, H/p + W/p) float16 + images/content
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ from hpcvid.models.text import TextEncoder
 class EncodedBatch:
     latents: np.ndarray                                     # (B, ...) in the encoder's latent dtype
     extras: dict[str, np.ndarray] = field(default_factory=dict)   # per-clip extras, each (B, ...)
+    images: dict[str, np.ndarray] = field(default_factory=dict)   # per-clip pictures, uint8 (B, 3, H, W): stored
+                                                                  # as PNG/WebP files (shards.image_codec)
 
 
 class PrepEncoder(Protocol):
@@ -108,10 +110,10 @@ class AutoencoderPrepEncoder:
 
 
 class ReducioPrepEncoder(AutoencoderPrepEncoder):
-    """latents: the normalised posterior mean (C_z, T/f_t, H/f_s, W/f_s); extras/content: the centre frame."""
+    """latents: the normalised posterior mean (C_z, T/f_t, H/f_s, W/f_s); images/content: the centre frame."""
     name = "reducio"
     layout = ("latents = layer-normalised posterior mean (C_z, T/f_t, H/f_s, W/f_s) float16; "
-              "extras/content = the centre frame (index (T-1)//2), (3, H, W) uint8, which the decoder reads")
+              "images/content = the centre frame (index (T-1)//2), (3, H, W) uint8 as PNG/WebP, which the decoder reads")
 
     def latent_shape(self, num_frames: int, bucket: tuple[int, int]) -> tuple[int, ...]:
         self._check(num_frames, bucket)
@@ -124,14 +126,14 @@ class ReducioPrepEncoder(AutoencoderPrepEncoder):
         mean, _ = self.model.encode(self._video(clips))                         # (B, C_z, T', H', W')
         z = self.model.normalize_latent(mean)
         content = clips[:, (clips.shape[1] - 1) // 2].transpose(0, 3, 1, 2)    # (B, 3, H, W) uint8
-        return EncodedBatch(z.to(torch.float16).cpu().numpy(), {"content": np.ascontiguousarray(content)})
+        return EncodedBatch(z.to(torch.float16).cpu().numpy(), images={"content": np.ascontiguousarray(content)})
 
 
 class CMDPrepEncoder(AutoencoderPrepEncoder):
-    """latents: z_x and z_y side by side (D, T, H/p + W/p); extras/content: the learned content frame as uint8."""
+    """latents: z_x and z_y side by side (D, T, H/p + W/p); images/content: the learned content frame."""
     name = "cmd"
     layout = ("latents = concat(z_x (D, T, H/p), z_y (D, T, W/p)) on the last axis, float16: [..., :H/p] is z_x, "
-              "[..., H/p:] is z_y; extras/content = the content frame x_bar, (3, H, W) uint8")
+              "[..., H/p:] is z_y; images/content = the content frame x_bar, (3, H, W) uint8 as PNG/WebP")
 
     def latent_shape(self, num_frames: int, bucket: tuple[int, int]) -> tuple[int, ...]:
         self._check(num_frames, bucket)
@@ -143,7 +145,7 @@ class CMDPrepEncoder(AutoencoderPrepEncoder):
         content, z_x, z_y = self.model.encode(self._video(clips))   # (B, 3, H, W), (B, D, T, H'), (B, D, T, W')
         latents = torch.cat([z_x, z_y], dim=-1)                     # (B, D, T, H' + W')
         frame = ((content.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)   # (B, 3, H, W)
-        return EncodedBatch(latents.to(torch.float16).cpu().numpy(), {"content": frame.cpu().numpy()})
+        return EncodedBatch(latents.to(torch.float16).cpu().numpy(), images={"content": frame.cpu().numpy()})
 
 
 def build_prep_encoder(spec: EncoderSpec) -> PrepEncoder:

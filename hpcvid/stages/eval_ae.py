@@ -3,7 +3,8 @@
     hpcvid eval-ae jobs/tiny_reducio.yaml                  # reads the eval_ae: section
     mpiexec -n 2 hpcvid eval-ae jobs/tiny_reducio.yaml     # clips split over ranks, one report
 
-Writes OUTPUT/report.json (PSNR and SSIM per clip and overall, the compression figures, the checkpoint it measured)
+Writes OUTPUT/report.json (PSNR, SSIM and temporal error per clip and overall, beside the same measures for the
+clip's centre frame repeated, the baseline every such autoencoder must beat; the compression figures; the checkpoint)
 and OUTPUT/contact_sheet.png (for each of the first clips: its original frames over their reconstruction).
 Reconstructions are quantised to uint8 before measuring, as a decoded video would be; PSNR is per clip over all its
 pixels (peak 255), SSIM the mean over frames of the Gaussian-window SSIM; "overall" is the mean over clips.
@@ -19,11 +20,11 @@ from typing import Any, Optional
 import torch
 
 from hpcvid.config import EvalAESpec, UserError, to_dict
-from hpcvid.data.shards import atomic_write_json
+from hpcvid.io import atomic_write_json
 from hpcvid.dist import Comm, Env, make_comm
 from hpcvid.stages.train_ae import cpu_threads, load_clips, pick_device
 from hpcvid.train.autoencoder import check_clip_size, compression, load_autoencoder, reconstruct
-from hpcvid.train.metrics import contact_sheet, from_uint8, psnr, ssim, to_uint8, write_png
+from hpcvid.train.metrics import contact_sheet, from_uint8, psnr, ssim, temporal_error, to_uint8, write_png
 
 
 @dataclass
@@ -37,6 +38,8 @@ class EvalAEResult:
     compression: dict[str, Any]
     seconds: float
     summary: str
+    temporal_error: float = float("nan")   # grey levels, mean over clips
+    baseline: Optional[dict[str, float]] = None   # the same measures for the repeated centre frame
 
 
 def run(spec: EvalAESpec, env: Env, comm: Optional[Comm] = None) -> EvalAEResult:
@@ -61,10 +64,14 @@ def run(spec: EvalAESpec, env: Env, comm: Optional[Comm] = None) -> EvalAEResult
             recon = to_uint8(reconstruct(kind, model, x)).permute(0, 2, 3, 4, 1).cpu()   # (b, T, H, W, 3)
             seconds_model += time.perf_counter() - t
             r, o = from_uint8(recon), from_uint8(frames)
-            for j, (p, s) in enumerate(zip(psnr(r, o).tolist(), ssim(r, o).tolist())):
+            still = o[:, :, (o.shape[2] - 1) // 2, None].expand_as(o)          # the centre frame, repeated
+            measured = zip(psnr(r, o).tolist(), ssim(r, o).tolist(), temporal_error(r, o).tolist(),
+                           psnr(still, o).tolist(), ssim(still, o).tolist(), temporal_error(still, o).tolist())
+            for j, (p, s, te, bp, bs, bte) in enumerate(measured):
                 k = i + j
                 rows.append({"clip_id": clips.ids[k], "order": list(clips.order[k]), "psnr": round(p, 3),
-                             "ssim": round(s, 4)})
+                             "ssim": round(s, 4), "temporal_error": round(te, 3), "baseline_psnr": round(bp, 3),
+                             "baseline_ssim": round(bs, 4), "baseline_temporal_error": round(bte, 3)})
                 if len(shown) < spec.contact_clips:
                     shown.append((clips.order[k], frames[j].numpy(), recon[j].numpy()))
     _check_latent_size(kind, model, device, T, H, W, figures["latent_elements"])   # figures vs a real encoding
@@ -89,24 +96,33 @@ def run(spec: EvalAESpec, env: Env, comm: Optional[Comm] = None) -> EvalAEResult
     mean_psnr = statistics.mean(r["psnr"] for r in rows)
     mean_ssim = statistics.mean(r["ssim"] for r in rows)
     model_seconds = sum(g[2] for g in gathered)
+    measures = ("psnr", "ssim", "temporal_error")
+    baseline = {m: round(statistics.mean(r[f"baseline_{m}"] for r in rows), 4) for m in measures}
     report = {
         "format": "hpcvid-eval-ae", "checkpoint": meta["folder"], "step": meta["step"], "model": meta["model"],
         "data": to_dict(spec.data), "clips": len(rows),
         "overall": {"psnr": round(mean_psnr, 3), "ssim": round(mean_ssim, 4),
+                    "temporal_error": round(statistics.mean(r["temporal_error"] for r in rows), 3),
                     "psnr_min": min(r["psnr"] for r in rows), "psnr_max": max(r["psnr"] for r in rows),
                     "ssim_min": min(r["ssim"] for r in rows), "ssim_max": max(r["ssim"] for r in rows)},
-        "per_clip": [{k: r[k] for k in ("clip_id", "psnr", "ssim")} for r in rows],
+        "baseline": {"what": "the clip's centre frame (index (T-1)//2) repeated over the clip: what a decoder "
+                             "handed that frame gives without reading its latent", **baseline},
+        "beats_baseline": {"psnr": mean_psnr > baseline["psnr"], "ssim": mean_ssim > baseline["ssim"]},
+        "per_clip": [{k: v for k, v in r.items() if k != "order"} for r in rows],
         "compression": figures, "problems": problems, "device": device.type, "ranks": env.world_size,
         "model_seconds_per_clip": round(model_seconds / max(len(rows), 1), 4),
         "seconds": round(time.time() - start, 2),
         "notes": "reconstructions quantised to uint8; PSNR per clip over all pixels (peak 255); SSIM Gaussian "
-                 "window 11, sigma 1.5, per frame and channel; overall = mean over clips",
+                 "window 11, sigma 1.5, per frame and channel; temporal_error = mean absolute difference between "
+                 "the reconstruction's and the original's frame-to-frame changes, grey levels; overall = mean over "
+                 "clips",
     }
     atomic_write_json(out / "report.json", report)
     write_png(out / "contact_sheet.png", contact_sheet([(o, r) for _, o, r in shown], spec.contact_frames))
     comm.barrier()
     result = EvalAEResult(str(out), meta["folder"], int(meta["step"]), len(rows), round(mean_psnr, 3),
-                          round(mean_ssim, 4), figures, report["seconds"], "")
+                          round(mean_ssim, 4), figures, report["seconds"], "", report["overall"]["temporal_error"],
+                          baseline)
     result.summary = format_summary(result, kind, meta, problems)
     print(result.summary, flush=True)
     return result
@@ -126,8 +142,12 @@ def format_summary(r: EvalAEResult, kind: str, meta: dict, problems: dict[str, i
     side = next(iter(c["side_shapes"]))
     lines = [
         f"eval-ae: {r.output}  ({kind} {meta['model'].get('preset', '')}, checkpoint step {r.step}: {r.checkpoint})",
-        f"  {r.clips} clips of {'x'.join(map(str, c['clip'][1:]))}: PSNR {r.psnr:.2f} dB, SSIM {r.ssim:.4f} "
-        f"(mean over clips){'; without clips: ' + ', '.join(f'{k} {v}' for k, v in problems.items()) if problems else ''}",
+        f"  {r.clips} clips of {'x'.join(map(str, c['clip'][1:]))}: PSNR {r.psnr:.2f} dB, SSIM {r.ssim:.4f}, "
+        f"temporal error {r.temporal_error:.2f} (mean over clips)"
+        f"{'; without clips: ' + ', '.join(f'{k} {v}' for k, v in problems.items()) if problems else ''}",
+        f"  centre frame repeated (the baseline): PSNR {r.baseline['psnr']:.2f} dB, SSIM {r.baseline['ssim']:.4f}, "
+        f"temporal error {r.baseline['temporal_error']:.2f}: the model is "
+        f"{'above' if r.psnr > r.baseline['psnr'] else 'BELOW'} it by {abs(r.psnr - r.baseline['psnr']):.2f} dB",
         f"  compression: latent {c['latent_shapes']} = {c['latent_elements']} elements = "
         f"{c['latent_over_pixel_elements']:.5f} of the {c['pixel_elements']} pixel elements (1/"
         f"{c['pixels_per_latent_element']:.0f}); {c['latent_bytes_per_clip']} bytes per clip as float16, "

@@ -27,8 +27,10 @@ import hpcvid
 from hpcvid.config import PrepSpec, digest, to_dict
 from hpcvid.data import manifest as mf
 from hpcvid.data import shards as sh
+from hpcvid.data.shard_file import ClipRecord, ShardWriter, bucket_name
 from hpcvid.data.video import VideoError, read_clips
 from hpcvid.dist import Comm, Env, make_comm, rank_cores
+from hpcvid.io import atomic_write_json, read_json
 from hpcvid.stages.encoders import build_prep_encoder, load_text_encoder
 
 
@@ -82,7 +84,7 @@ def run(spec: PrepSpec, env: Env, comm: Optional[Comm] = None) -> PrepResult:
     index = sh.rebuild_index(out) if env.is_main else None
     totals = comm.all_reduce(np.array([len(todo), len(mine) - len(todo), written_rows, written_clips]))
     seconds = time.time() - start
-    index = index or sh.read_json(out / "index.json")   # other ranks: rebuilt by rank 0 before the all_reduce
+    index = index or read_json(out / "index.json")   # other ranks: rebuilt by rank 0 before the all_reduce
     summary = format_summary(out, index, env, totals.tolist(), seconds, setup_seconds) if index else ""
     if env.is_main:
         print(summary, flush=True)
@@ -104,11 +106,11 @@ def _identity(spec: PrepSpec, encoder, text_encoder, total_rows: int, total_shar
         "shards": to_dict(spec.shards),
     }
     return {
-        "format": "hpcvid-dataset", "format_version": sh.FORMAT_VERSION, "hpcvid_version": hpcvid.__version__,
+        "format": "hpcvid-dataset", "format_version": sh.DATASET_FORMAT_VERSION, "hpcvid_version": hpcvid.__version__,
         "digest": digest(parts), "spec": parts, "total_rows": total_rows, "num_shards": total_shards,
         "encoder": parts["encoder"], "created": time.time(),
         "latent": {"dtype": encoder.latent_dtype(),
-                   "shapes": {sh.bucket_name(b): list(encoder.latent_shape(spec.clip.num_frames, b))
+                   "shapes": {bucket_name(b): list(encoder.latent_shape(spec.clip.num_frames, b))
                               for b in spec.buckets}},
         "text": None if text_encoder is None else {"encoder": spec.text.encoder, "max_tokens": spec.text.max_tokens,
                                                    "dim": text_encoder.dim, "dtype": "float16"},
@@ -162,7 +164,9 @@ class _ShardContext:
                  "encoder": self.encoder.name, "encoder_config": self.encoder.config(),
                  "encoder_digest": self.encoder.digest(), "text_encoder": self.spec.text.encoder,
                  "dataset_digest": self.dataset_digest}
-        writer = sh.ShardWriter(self.out / f"{name}.h5", attrs, self.spec.shards.compression)
+        shards_spec = self.spec.shards
+        writer = ShardWriter(self.out / f"{name}.h5", attrs, shards_spec.compression, shards_spec.image_codec,
+                             shards_spec.image_quality)
         stats = {"done": 0, "filtered": 0, "failed": 0, "clips": 0}
         reasons: dict[str, dict[str, int]] = {"filtered": {}, "failed": {}}
         failures: list[dict[str, Any]] = []
@@ -185,7 +189,7 @@ class _ShardContext:
                         warning_details.append({"row": row.index, "video_id": row.video_id, "shard": shard,
                                                 "path": str(path), "code": code, "detail": detail})
                     for clip in outcome.clips:
-                        record = sh.ClipRecord(row.video_id, row.caption, row.index, clip.start, clip.stride, clip.fps)
+                        record = ClipRecord(row.video_id, row.caption, row.index, clip.start, clip.stride, clip.fps)
                         batches[clip.bucket].append((clip.frames, record))
                         if len(batches[clip.bucket]) >= self.spec.batch_size:
                             stats["clips"] += self._flush(writer, clip.bucket, batches.pop(clip.bucket))
@@ -201,30 +205,40 @@ class _ShardContext:
             raise
         marker = {"shard": shard, "file": f"{name}.h5", "rows_start": rows_range.start, "rows_stop": rows_range.stop,
                   "rows": len(rows), **stats, "bytes": size, "buckets": dict(writer.counts), "reasons": reasons,
-                  "failures": failures, "warnings": warnings, "warning_details": warning_details, "seconds": round(time.time() - start, 3), "host": socket.gethostname(),
-                  "worker": self.env.describe(), "finished": time.time()}
+                  "failures": failures, "warnings": warnings, "warning_details": warning_details,
+                  "field_bytes": writer.field_bytes, "seconds": round(time.time() - start, 3),
+                  "host": socket.gethostname(), "worker": self.env.describe(), "finished": time.time()}
         if len(rows) != stats["done"] + stats["filtered"] + stats["failed"]:
             raise RuntimeError(f"{name}: row accounting broke ({len(rows)} rows vs {stats})")   # a bug, not input
-        sh.atomic_write_json(self.out / f"{name}.json", marker)   # the completion marker, last
+        atomic_write_json(self.out / f"{name}.json", marker)   # the completion marker, last
         self.clips_before += stats["clips"]
         self.failed_before += stats["failed"]
         return marker
 
-    def _flush(self, writer: sh.ShardWriter, bucket: tuple[int, int], batch: list) -> int:
+    def _flush(self, writer: ShardWriter, bucket: tuple[int, int], batch: list) -> int:
         frames = np.stack([f for f, _ in batch])                          # (B, T, H, W, 3) uint8
         records = [r for _, r in batch]
         encoded = self.encoder.encode(frames)
-        text_emb = text_mask = None
-        if self.text_encoder is not None:
-            states, mask = [], []
-            step = self.spec.text.batch_size
-            for i in range(0, len(records), step):
-                s, m = self.text_encoder([r.caption for r in records[i:i + step]])   # (b, L, D), (b, L)
-                states.append(s.float().cpu())
-                mask.append(m.cpu())
-            text_emb, text_mask = torch.cat(states).numpy(), torch.cat(mask).numpy()
-        writer.add(bucket, encoded.latents, records, text_emb, text_mask, encoded.extras)
+        self._store_captions(writer, [r.caption for r in records])
+        text_rows = [writer.caption_row(r.caption) for r in records]
+        writer.add(bucket, encoded.latents, records, text_rows, encoded.extras, encoded.images)
         return len(records)
+
+    def _store_captions(self, writer: ShardWriter, captions: list[str]) -> None:
+        """Each caption new to this shard, once, with its unpadded token states: the text encoder runs once per
+        distinct caption (all clips of a video share one), not once per clip."""
+        new = list(dict.fromkeys(c for c in captions if writer.caption_row(c) is None))
+        if self.text_encoder is None:
+            for caption in new:
+                writer.add_caption(caption)
+            return
+        step = self.spec.text.batch_size
+        for i in range(0, len(new), step):
+            chunk = new[i:i + step]
+            states, mask = self.text_encoder(chunk)                        # (b, L, D), (b, L)
+            states, mask = states.float().cpu().numpy(), mask.cpu().numpy()
+            for caption, s, m in zip(chunk, states, mask):
+                writer.add_caption(caption, s[m])                          # (L_i, D): the caption's own tokens
 
 
 @dataclass
@@ -252,7 +266,7 @@ def _resolve(row: mf.Row, path: Optional[Path], outcome: Any):
 def progress(spec: PrepSpec) -> str:
     """Shards complete out of the dataset's total, from the markers on disk (for `hpcvid status`)."""
     out = Path(spec.output)
-    identity = sh.read_json(out / "dataset.json")
+    identity = read_json(out / "dataset.json")
     if identity is None:
         return "not started"
     done = sum(1 for s in range(identity["num_shards"]) if sh.shard_done(out, s) is not None)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from hpcvid.config import SelftestSpec
-from hpcvid.data.shards import atomic_write_json, read_json
+from hpcvid.io import atomic_write_json, read_json
 from hpcvid.dist import Comm, Env, init_torch_distributed
 
 

@@ -38,6 +38,7 @@ from hpcvid.data import manifest as mf
 from hpcvid.data import shards as sh
 from hpcvid.data.video import VideoError, read_clips
 from hpcvid.dist import Comm, Env, destroy_torch_distributed, init_torch_distributed, make_comm, rank_cores
+from hpcvid.io import atomic_write_json, read_json
 from hpcvid.train import checkpoint as ck
 from hpcvid.train.autoencoder import (build_model, check_clip_size, config_to_dict, count_parameters, last_layer,
                                       model_config, reconstruct, train_pass)
@@ -122,7 +123,7 @@ def _clips_from_manifest(data: AEDataSpec, rank: int, world: int, limit: Optiona
 
 def _clips_from_shards(data: AEDataSpec, rank: int, world: int, limit: Optional[int]) -> ClipSet:
     folder = Path(data.shards)
-    index = sh.read_json(folder / "index.json")
+    index = read_json(folder / "index.json")
     if index is None:
         raise UserError(f"{folder}: data.shards: no index.json (not a prep dataset, or prep has not finished)")
     if index["encoder"]["kind"] != "pixels" or index["encoder"].get("downsample", 1) != 1:
@@ -349,6 +350,10 @@ class _Trainer:
         l1 = (recon - x).abs().mean()
         rec = loss_spec.l1 * l1
         terms = {"l1": l1}
+        if loss_spec.mse > 0:
+            mse = (recon - x).pow(2).mean()
+            rec = rec + loss_spec.mse * mse
+            terms["mse"] = mse
         if kl is not None:
             kl_mean = kl.mean()
             rec = rec + loss_spec.kl * kl_mean / self.pixels_per_clip
@@ -516,7 +521,7 @@ def _run(spec: TrainAESpec, env: Env, comm: Comm, device: torch.device) -> Train
         skipped_total)
     result.summary = format_summary(result, trainer, clips, counts, device)
     if env.is_main:
-        sh.atomic_write_json(out / "train_report.json", {**asdict(result), "model": trainer.model_meta()})
+        atomic_write_json(out / "train_report.json", {**asdict(result), "model": trainer.model_meta()})
         curves_png(read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else [], out / "curves.png")
         print(result.summary, flush=True)
     return result

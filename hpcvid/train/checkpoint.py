@@ -28,7 +28,6 @@ import os
 import pickle
 import re
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -36,7 +35,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from hpcvid.config import UserError
-from hpcvid.data.shards import atomic_write_bytes, atomic_write_json, read_json
+from hpcvid.io import atomic_write_json, atomic_write_with, read_json
 
 CHECKPOINTS = "checkpoints"
 META = "meta.json"
@@ -217,18 +216,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def _atomic_save(path: Path, write: Callable[[Path], Any]) -> tuple[int, str]:
     """Write through `write(tmp)`, hash what landed on disk, fsync, rename: (size, sha256)."""
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        digest = _hash_file(tmp)                 # read back while it is in the page cache: the one hash it gets
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-    _HASHED[_cache_key(path)] = digest           # verifying our own new checkpoint costs nothing in this process
-    return path.stat().st_size, digest
+    hashed = []
+    # read back while it is in the page cache: the one hash it gets
+    size = atomic_write_with(path, write, before_commit=lambda tmp: hashed.append(_hash_file(tmp)))
+    _HASHED[_cache_key(path)] = hashed[0]        # verifying our own new checkpoint costs nothing in this process
+    return size, hashed[0]
 
 
 def save_checkpoint(folder: Path, weights: dict[str, dict[str, torch.Tensor]], states: dict[str, Any],

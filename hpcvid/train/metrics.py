@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hpcvid.data.shards import atomic_write_bytes
+from hpcvid.io import atomic_write_bytes, strict_json
 
 SSIM_WINDOW = 11          # the usual Gaussian SSIM window (Wang et al. 2004): 11 taps, sigma 1.5
 SSIM_SIGMA = 1.5
@@ -72,6 +72,23 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, window: int 
     return smap.reshape(B, -1).mean(dim=1)                                    # (B,)
 
 
+def temporal_error(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+    """How differently two videos (B, C, T, H, W) change from frame to frame: the mean absolute difference of
+    their frame-to-frame changes, in grey levels (0..255), per sample. 0 when x moves exactly as y does; for a still
+    x (a repeated frame) it is y's own mean change. Needs no learned weights, unlike flow-warping metrics."""
+    if x.shape != y.shape or x.ndim != 5 or x.shape[2] < 2:
+        raise ValueError(f"temporal_error: inputs must share a (B, C, T>=2, H, W) shape, got {tuple(x.shape)} "
+                         f"and {tuple(y.shape)}")
+    dx, dy = x.float().diff(dim=2), y.float().diff(dim=2)                    # (B, C, T-1, H, W)
+    return (dx - dy).abs().flatten(1).mean(dim=1) * 255.0 / data_range       # (B,)
+
+
+def frame_changes(video: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+    """Mean absolute change between consecutive frames of (B, C, T, H, W), in grey levels: (B, T-1). The seams
+    of a rendered video show as transitions much larger than their neighbours."""
+    return video.float().diff(dim=2).abs().mean(dim=(1, 3, 4)) * 255.0 / data_range   # (B, T-1)
+
+
 def to_uint8(video: torch.Tensor) -> torch.Tensor:
     """[-1, 1] floats -> uint8 0..255, as a video would be stored."""
     return ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -87,15 +104,6 @@ def from_uint8(frames: torch.Tensor) -> torch.Tensor:
 def strict_record(record: dict[str, Any]) -> dict[str, Any]:
     """`record` as strict JSON can hold it: NaN and +-inf become null (at any depth), and the top-level keys that
     held them are listed under "nonfinite", so that a diverging run's log still reads with jq or a strict parser."""
-    def clean(value: Any) -> Any:
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean(v) for v in value]
-        return value
-
     def nonfinite(value: Any) -> bool:
         if isinstance(value, float):
             return not math.isfinite(value)
@@ -103,7 +111,7 @@ def strict_record(record: dict[str, Any]) -> dict[str, Any]:
             return any(nonfinite(v) for v in value.values())
         return isinstance(value, (list, tuple)) and any(nonfinite(v) for v in value)
 
-    out = {k: clean(v) for k, v in record.items() if k != "nonfinite"}
+    out = {k: strict_json(v) for k, v in record.items() if k != "nonfinite"}
     bad = sorted({*record.get("nonfinite", ()), *(k for k, v in record.items() if k != "nonfinite" and nonfinite(v))})
     if bad:
         out["nonfinite"] = bad

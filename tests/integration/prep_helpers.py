@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
 import re
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ BASE_PREP: dict[str, Any] = {
     "decode_workers": 1,
     "progress": False,
 }
-PER_CLIP = ("clip_id", "video_id", "caption", "row", "start_frame", "stride", "fps")
+PER_CLIP = ("clip_id", "video_id", "row", "start_frame", "stride", "fps", "text_index")
 FAILURE_KEYS = {"row", "video_id", "shard", "path", "reason", "detail"}
 SHARD_FILE = re.compile(r"^shard-(\d{5})\.(h5|json)$")
 
@@ -135,12 +136,31 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _picture(data: bytes, shape: list[int]) -> np.ndarray:
+    """A stored picture (a PNG or WebP file), decoded with Pillow directly: uint8 (3, H, W)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as picture:
+        array = np.asarray(picture.convert("RGB")).transpose(2, 0, 1)
+    assert list(array.shape) == list(shape), (array.shape, shape)
+    return array
+
+
 def read_shard(path: Path, latent_shapes: dict[str, list[int]], rows: range, dtype: str) -> dict[str, dict]:
-    """Every clip of one shard, checking the documented layout on the way."""
+    """Every clip of one shard (format 2), checking the documented layout on the way. Per clip: the per-clip
+    fields, `caption` and (with a text encoder) `text_states` (L, D) from /text, and each picture by name."""
     clips = {}
     with h5py.File(path, "r") as f:
-        assert f.attrs["format"] == "hpcvid-shard" and int(f.attrs["format_version"]) == 1, dict(f.attrs)
+        assert f.attrs["format"] == "hpcvid-shard" and int(f.attrs["format_version"]) == 2, dict(f.attrs)
         assert (int(f.attrs["rows_start"]), int(f.attrs["rows_stop"])) == (rows.start, rows.stop)
+        captions = [_text(c) for c in f["text/caption"][()]]
+        assert len(set(captions)) == len(captions), "a caption stored twice in one shard"
+        states = offsets = None
+        if "states" in f["text"]:
+            states, offsets = f["text/states"][()], f["text/offsets"][()]
+            assert states.dtype == np.float16 and offsets.dtype == np.int64
+            assert offsets[0] == 0 and offsets[-1] == len(states) and len(offsets) == len(captions) + 1
+            assert np.all(np.diff(offsets) > 0), "a caption without token states"
         total = 0
         for name, group in f.get("clips", {}).items():
             assert list(group.attrs["bucket"]) == [int(x) for x in name.split("x")], name
@@ -152,13 +172,22 @@ def read_shard(path: Path, latent_shapes: dict[str, list[int]], rows: range, dty
                 assert group[key].shape == (n,), (key, group[key].shape)
             assert group["row"].dtype == np.int64 and group["start_frame"].dtype == np.int64
             assert group["stride"].dtype == np.int32 and group["fps"].dtype == np.float32
-            has_text = "text_emb" in group
-            assert has_text == ("text_mask" in group)
+            assert group["text_index"].dtype == np.int32
+            pictures = {}
+            for key, sub in group.get("images", {}).items():
+                assert sub.attrs["codec"] in ("png", "webp") and sub["offsets"].shape == (n + 1,)
+                pictures[key] = (sub["data"][()].tobytes(), sub["offsets"][()], list(sub.attrs["shape"]))
             values = {key: group[key][()] for key in group if isinstance(group[key], h5py.Dataset)}
             for i in range(n):
                 clip = {key: values[key][i] for key in values}
-                for key in ("clip_id", "video_id", "caption"):
+                for key in ("clip_id", "video_id"):
                     clip[key] = _text(clip[key])
+                k = int(clip.pop("text_index"))
+                clip["caption"] = captions[k]
+                if states is not None:
+                    clip["text_states"] = states[offsets[k]:offsets[k + 1]]
+                for key, (data, offs, shape) in pictures.items():
+                    clip[key] = _picture(data[offs[i]:offs[i + 1]], shape)
                 clip["row"], clip["start_frame"] = int(clip["row"]), int(clip["start_frame"])
                 clip["stride"], clip["fps"] = int(clip["stride"]), float(clip["fps"])
                 clip["bucket"], clip["shard_file"] = name, path.name
@@ -178,7 +207,7 @@ def check_dataset(folder: Path, total_rows: Optional[int] = None, complete: bool
     folder = Path(folder)
     identity = read_json(folder / "dataset.json")
     index = read_json(folder / "index.json")
-    assert identity["format"] == "hpcvid-dataset" and identity["format_version"] == 1
+    assert identity["format"] == "hpcvid-dataset" and identity["format_version"] == 2
     assert index["dataset_digest"] == identity["digest"]
     if total_rows is not None:
         assert identity["total_rows"] == index["total_rows"] == total_rows
@@ -221,6 +250,12 @@ def check_dataset(folder: Path, total_rows: Optional[int] = None, complete: bool
         clips.update(shard_clips)
     assert index["totals"] == totals
     assert index["reasons"] == reasons
+    field_bytes: dict[str, int] = {}
+    for m in complete_markers.values():
+        assert sum(m["field_bytes"].values()) == m["bytes"], m["field_bytes"]      # every byte accounted for
+        for key, n in m["field_bytes"].items():
+            field_bytes[key] = field_bytes.get(key, 0) + n
+    assert index["field_bytes"] == field_bytes
     if complete:
         assert totals["rows"] == identity["total_rows"]
 

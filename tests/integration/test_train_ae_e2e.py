@@ -72,7 +72,12 @@ def check_eval_report(out: Path, clips: int, ratio: float) -> dict:
     assert report["clips"] == clips == len(report["per_clip"])
     for row in report["per_clip"]:
         assert 0 < row["psnr"] < 100 and -1 <= row["ssim"] <= 1 and "@" in row["clip_id"]
-    overall = report["overall"]
+        assert 0 < row["baseline_psnr"] < 100 and row["temporal_error"] >= 0 and row["baseline_temporal_error"] > 0
+    overall, baseline = report["overall"], report["baseline"]
+    for measure in ("psnr", "ssim", "temporal_error"):                # the baseline on every run, beside the model
+        assert baseline[measure] == pytest.approx(np.mean([r[f"baseline_{measure}"] for r in report["per_clip"]]),
+                                                  abs=1e-3)
+    assert report["beats_baseline"]["psnr"] == (overall["psnr"] > baseline["psnr"])
     assert overall["psnr"] == pytest.approx(np.mean([r["psnr"] for r in report["per_clip"]]), abs=1e-3)
     assert overall["psnr_min"] <= overall["psnr"] <= overall["psnr_max"]
     assert report["compression"]["pixels_per_latent_element"] == ratio
@@ -106,7 +111,9 @@ def test_reducio_two_ranks_trains_resumes_and_evaluates(tmp_path, synthetic_vide
     assert steps_of(out) == [6, 8]                                       # keep_last 2
     report = json.loads((out / "train_report.json").read_text())
     assert report["start_step"] == 4 and report["steps"] == 8 and report["world_size"] == 2
-    assert report["probe"]["start"]["psnr"] < report["probe"]["end"]["psnr"]
+    # the residual decoder starts at the repeated centre frame: 8 steps move the probe little, either way
+    assert report["probe"]["start"]["clips"] == report["probe"]["end"]["clips"] > 0
+    assert abs(report["probe"]["start"]["psnr"] - report["probe"]["end"]["psnr"]) < 2.0
     assert (out / "curves.png").stat().st_size > 0
 
     res = run_cli(["eval-ae", job])
@@ -181,41 +188,31 @@ def test_gan_loss_trains_and_checkpoints_the_discriminator(tmp_path, synthetic_v
         run_train(merged(section, {"output": str(tmp_path / "x"), "loss": {"disc_layers": 4}}), tmp_path)
 
 
-def test_learning_tiny_reducio_raises_psnr(tmp_path, synthetic_videos):
-    """200 steps of the tiny Reducio-VAE on 18 synthetic moving-shape clips (8 frames at 32x32, batch 2).
+def test_learning_tiny_reducio_beats_the_repeated_centre_frame(tmp_path, synthetic_videos):
+    """150 steps of the tiny Reducio-VAE (content residual, loss l1 0.2 + mse 1.0 + ssim 0.1) on 18 synthetic
+    moving-shape clips (8 frames at 32x32, batch 2).
 
-    Measured on this 2-core machine (seeds 0, 1, 2; ~30-65 s each): probe PSNR 8.42 -> 15.99, 8.12 -> 15.19,
-    7.83 -> 15.63 dB (gains 7.6, 7.1, 7.8 dB); probe SSIM ~0.00 -> 0.46, 0.43, 0.45. Predicting each clip's mean
-    colour scores 14.64 dB on the same clips. Thresholds: a gain of at least 4 dB (about half the smallest
-    measured), SSIM at least 0.25, and a PSNR above the mean-colour baseline (seed 0 is 1.35 dB above it).
+    Measured on this 2-core machine (seeds 0, 1, 2; 15-18 s each): the probe starts exactly at the repeated-centre-
+    frame baseline (16.694 dB: the residual decoder's first output is that frame) and ends 1.51, 0.66 and 0.86 dB
+    above it. Thresholds: the start within 0.01 dB of the baseline, the end at least 0.3 dB above it (about half
+    the smallest gain measured).
     """
-    section = train_section(synthetic_videos.folder, tmp_path / "run", steps=200, batch_size=2, warmup_steps=20,
-                            log_every=25, checkpoint_every=200, probe_clips=8, seed=0, torch_threads=2,
-                            data={"clip": {"clips_per_video": 3}})
+    section = train_section(synthetic_videos.folder, tmp_path / "run", steps=150, batch_size=2, warmup_steps=20,
+                            log_every=25, checkpoint_every=150, probe_clips=8, seed=0, torch_threads=2,
+                            data={"clip": {"clips_per_video": 3}}, loss={"l1": 0.2, "mse": 1.0})
     result = run_train(section, tmp_path)
     start, end = result.probe["start"], result.probe["end"]
-    print(f"learning: probe PSNR {start['psnr']:.2f} -> {end['psnr']:.2f} dB, SSIM {start['ssim']:.3f} -> "
-          f"{end['ssim']:.3f} in {result.seconds:.0f} s")
-    assert result.clips == 18 and end["clips"] == 8
-    assert end["psnr"] - start["psnr"] >= 4.0
-    assert end["ssim"] >= 0.25
     clips = train_ae.load_clips(load_job(write(tmp_path / "j.yaml", train_ae=section)).train_ae.data, 0, 1)
     x = from_uint8(clips.frames[:8])
-    baseline = psnr(x.mean(dim=(2, 3, 4), keepdim=True).expand_as(x), x).mean().item()
-    assert end["psnr"] > baseline, (end, baseline)
+    baseline = psnr(x[:, :, (x.shape[2] - 1) // 2, None].expand_as(x), x).mean().item()
+    print(f"learning: probe PSNR {start['psnr']:.2f} -> {end['psnr']:.2f} dB, centre-frame baseline {baseline:.2f} dB "
+          f"in {result.seconds:.0f} s")
+    assert result.clips == 18 and end["clips"] == 8
+    assert abs(start["psnr"] - baseline) < 0.01
+    assert end["psnr"] - baseline >= 0.3, (end, baseline)
 
 
 # ---------------------------------------------------------------------------------------------------- prep
-
-def extra(folder: Path, clip: dict, name: str = "content") -> np.ndarray:
-    """A clip's encoder extra (extras/<name> beside its latents), read with h5py directly."""
-    import h5py
-
-    with h5py.File(folder / clip["shard_file"], "r") as f:
-        group = f[f"clips/{clip['bucket']}"]
-        ids = [x.decode() if isinstance(x, bytes) else x for x in group["clip_id"][()]]
-        return group["extras"][name][ids.index(clip["clip_id"])]
-
 
 def save_random_checkpoint(folder: Path, kind: str, seed: int) -> Path:
     torch.manual_seed(seed)
@@ -251,7 +248,7 @@ def test_prep_with_reducio_encoder_end_to_end(tmp_path, synthetic_videos, run_cl
     with torch.no_grad():
         want = model.normalize_latent(model.encode(from_uint8(torch.from_numpy(frames[None])))[0])[0]
     assert np.allclose(clip["latents"].astype(np.float32), want.numpy(), atol=2e-2, rtol=1e-2)
-    assert np.array_equal(extra(out, clip), frames[3].transpose(2, 0, 1))             # centre frame (T-1)//2
+    assert np.array_equal(clip["content"], frames[3].transpose(2, 0, 1))    # centre frame (T-1)//2, PNG: exact
     import h5py
 
     with h5py.File(out / "shard-00000.h5") as f:
@@ -279,7 +276,7 @@ def test_prep_with_cmd_encoder_stores_both_motion_latents(tmp_path, synthetic_vi
     data = check_dataset(out, total_rows=7)
     assert data.identity["latent"]["shapes"] == {"32x32": [8, 8, 8], "32x48": [8, 8, 10]}   # z_x | z_y on the last axis
     clip = next(iter(data.clips.values()))
-    content = extra(out, clip)
+    content = clip["content"]
     assert content.dtype == np.uint8 and content.shape == (3, *map(int, clip["bucket"].split("x")))
     assert np.abs(clip["latents"].astype(np.float32)).max() <= 1.0                           # tanh
     with pytest.raises(UserError, match="autoencoders train on pixels"):                    # latents are no input

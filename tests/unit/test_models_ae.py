@@ -75,7 +75,7 @@ def test_reducio_tiny_shapes_and_round_trip():
         out = model(video)
         mean, logvar = model.encode(video)
         feats = model.encode_content(model.content_image(video))
-        recon = model.decode(model.sample(mean, logvar), feats)
+        recon = model.decode(model.sample(mean, logvar), model.content_image(video), feats)
     latent = model.latent_shape(8, 32, 32)
     assert latent == (16, 2, 4, 4)
     assert out["recon"].shape == recon.shape == video.shape
@@ -112,14 +112,49 @@ def test_reducio_eval_is_deterministic_and_sampling_is_seeded():
 
 
 def test_reducio_decoder_reads_the_content_image():
+    """Through its cross-attention, not only through the residual: the decoder's own output (recon minus the
+    repeated image) changes with the image once its output layer is no longer zero."""
     model = tiny_reducio().eval()
+    torch.nn.init.normal_(model.decoder.conv_out.weight, std=0.05)       # as after some training
     z = torch.randn(1, *model.latent_shape(8, 32, 32))
+    one, two = clip(1, 3, 32, 32, seed=1), clip(1, 3, 32, 32, seed=2)
     with torch.no_grad():
-        a = model.decode(z, clip(1, 3, 32, 32, seed=1))
-        b = model.decode(z, clip(1, 3, 32, 32, seed=2))
-        c = model.decode(z, clip(1, 3, 32, 32, seed=1))
+        a = model.decode(z, one) - one[:, :, None]
+        b = model.decode(z, two) - two[:, :, None]
+        c = model.decode(z, one) - one[:, :, None]
     assert torch.equal(a, c)
     assert (a - b).abs().mean() > 1e-3 * a.abs().mean()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "paper"])
+def test_untrained_decoders_return_the_content_frame(preset):
+    """content_residual: before any training, every latent decodes to the content frame repeated over time."""
+    if preset == "tiny":
+        reducio, cmd = tiny_reducio().eval(), tiny_cmd().eval()
+        video = clip()
+    else:   # paper sizes are checked on their config only (building them costs seconds)
+        assert REDUCIO_PRESETS["paper"].content_residual and CMD_PRESETS["paper"].content_residual
+        return
+    with torch.no_grad():
+        recon = reducio(video)["recon"]
+        other = reducio.decode(torch.randn_like(reducio(video)["z"]), reducio.content_image(video))
+        content, z_x, z_y = cmd.encode(video)
+        cmd_recon = cmd.decode(content, torch.rand_like(z_x), torch.rand_like(z_y))
+    frame = reducio.content_image(video)[:, :, None].expand_as(video)
+    assert torch.equal(recon, frame) and torch.equal(other, frame)
+    assert torch.equal(cmd_recon, content[:, :, None].expand_as(video))
+
+
+def test_checkpoints_without_content_residual_keep_their_decoder():
+    """hpcvid 0.1 configs have no content_residual: they load as False, with a decoder that adds nothing."""
+    config = dataclasses.replace(REDUCIO_PRESETS["tiny"], content_residual=False)
+    torch.manual_seed(0)
+    model = ReducioVAE(config).eval()
+    assert model.decoder.conv_out.weight.abs().sum() > 0
+    video = clip()
+    with torch.no_grad():
+        recon = model(video)["recon"]
+    assert not torch.allclose(recon, model.content_image(video)[:, :, None].expand_as(video))
 
 
 def test_reducio_tiled_matches_untiled_on_one_tile_and_covers_larger_frames():

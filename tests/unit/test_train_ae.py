@@ -21,8 +21,8 @@ from hpcvid.train.autoencoder import (build_model, check_clip_size, compression,
                                       model_config, reconstruct, train_pass)
 from hpcvid.train.distributed import full_state, load_full_state
 from hpcvid.train.losses import PatchDiscriminator3d, adaptive_gan_weight, hinge_d_loss, kl_per_clip, ssim_loss
-from hpcvid.train.metrics import (MetricsLog, contact_sheet, curves_png, png_bytes, psnr, read_jsonl, read_png_size,
-                                  ssim, write_png)
+from hpcvid.train.metrics import (MetricsLog, contact_sheet, curves_png, frame_changes, png_bytes, psnr, read_jsonl,
+                                  read_png_size, ssim, temporal_error, write_png)
 
 
 def rand_video(*shape, seed=0) -> torch.Tensor:
@@ -36,6 +36,21 @@ def decode_png(path) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
+
+def test_temporal_error_measures_motion_differences_in_grey_levels():
+    g = torch.Generator().manual_seed(0)
+    y = torch.rand(2, 3, 6, 8, 8, generator=g) * 2 - 1                      # (B, C, T, H, W) in [-1, 1]
+    assert torch.allclose(temporal_error(y, y), torch.zeros(2))
+    assert torch.allclose(temporal_error(y + 0.3, y), torch.zeros(2), atol=1e-5)   # an offset is no motion
+    still = y[:, :, 2:3].expand_as(y)                                        # a repeated frame: y's own motion
+    own = (y[:, :, 1:] - y[:, :, :-1]).abs().flatten(1).mean(1) * 127.5
+    assert torch.allclose(temporal_error(still, y), own, rtol=1e-5)
+    jump = torch.zeros(1, 3, 5, 4, 4)
+    jump[:, :, 3:] = 1.0                                                     # a cut between frames 2 and 3
+    assert frame_changes(jump).tolist() == [[0.0, 0.0, 127.5, 0.0]]
+    with pytest.raises(ValueError, match="T>=2"):
+        temporal_error(y[:, :, :1], y[:, :, :1])
+
 
 def test_psnr_matches_the_formula():
     x = torch.zeros(2, 3, 4, 8, 8)
@@ -465,13 +480,13 @@ def test_prep_encoders_from_checkpoints(tmp_path):
         assert encoder.config()["kind"] == kind and encoder.latent_dtype() == "float16"
         out = encoder.encode(clips)
         assert out.latents.dtype == np.float16 and out.latents.shape[1:] == encoder.latent_shape(8, (32, 48))
-        assert out.extras["content"].shape == (2, 3, 32, 48) and out.extras["content"].dtype == np.uint8
+        assert out.images["content"].shape == (2, 3, 32, 48) and out.images["content"].dtype == np.uint8
         model.eval()
         x = torch.from_numpy(clips).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
         with torch.no_grad():
             if kind == "reducio":
                 want = model.normalize_latent(model.encode(x)[0])
-                assert np.array_equal(out.extras["content"], clips[:, 3].transpose(0, 3, 1, 2))   # centre (T-1)//2
+                assert np.array_equal(out.images["content"], clips[:, 3].transpose(0, 3, 1, 2))   # centre (T-1)//2
             else:
                 _, z_x, z_y = model.encode(x)
                 want = torch.cat([z_x, z_y], dim=-1)
