@@ -7,7 +7,7 @@ Launch (the stage itself does not know which was used):
     hpcvid submit PIPELINE.yaml --cluster slurm                          # as a pipeline stage (requeued on preemption)
 
 Each rank decodes its share of the videos (rows rank, rank + W, ...) once into memory and draws batches from it;
-the model is wrapped by DDP or FSDP2 from outside (hpcvid.train.distributed). A rerun resumes from the latest
+the model is wrapped by DDP or FSDP2 from outside (hpcvid.parallel.fsdp). A rerun resumes from the latest
 complete checkpoint in OUTPUT and, because every random draw is seeded by (seed, step, rank), continues exactly as
 the uninterrupted run would have. Rank 0 writes OUTPUT/metrics.jsonl, checkpoints, train_report.json and curves.png.
 
@@ -42,7 +42,7 @@ from hpcvid.io import atomic_write_json, read_json
 from hpcvid.train import checkpoint as ck
 from hpcvid.train.autoencoder import (build_model, check_clip_size, config_to_dict, count_parameters, last_layer,
                                       model_config, reconstruct, train_pass)
-from hpcvid.train.distributed import full_state, load_full_state, parallelize
+from hpcvid.parallel.fsdp import parallelize
 from hpcvid.train.losses import PatchDiscriminator3d, adaptive_gan_weight, hinge_d_loss, ssim_loss
 from hpcvid.train.metrics import (MetricsLog, curves_png, from_uint8, psnr, read_jsonl, ssim, strict_record,
                                   to_uint8)
@@ -257,9 +257,9 @@ class _Trainer:
             self.warn(f"checkpoint {folder} skipped: {problems[0]}")
             before = int(meta["step"])
         weights, optim, disc = state
-        load_full_state(self.model, self.opt, weights, optim)
+        ck.load_full_state(self.model, self.opt, weights, optim)
         if disc is not None:
-            load_full_state(self.disc, self.d_opt, *disc)
+            ck.load_full_state(self.disc, self.d_opt, *disc)
         if not ck.has_hashes(meta):
             self.warn(f"checkpoint {folder} has no sha256 in its meta.json (written by an older hpcvid): checked by "
                       f"file sizes and for NaN/inf only")
@@ -278,10 +278,10 @@ class _Trainer:
         """Collective (FSDP2 gathers shards); rank 0 checks that every weight and optimizer value is finite, writes,
         and prunes to keep_last (never when the newest checkpoint is damaged); every rank waits for it. Non-finite
         state is never written: every rank raises RunStopped together."""
-        weights, optim = full_state(self.model, self.opt)
+        weights, optim = ck.full_state(self.model, self.opt)
         dweights = doptim = None
         if self.disc is not None:
-            dweights, doptim = full_state(self.disc, self.d_opt)
+            dweights, doptim = ck.full_state(self.disc, self.d_opt)
         folder = ck.step_dir(self.out, step)
         tensors, states = {"model": weights}, {"optimizer": optim}
         if dweights is not None:

@@ -361,3 +361,38 @@ def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: s
         raise UserError(f"{source}: weights do not fit the model: {'; '.join(parts)}")
     module.load_state_dict(state)
 
+
+# ---------------------------------------------------------------------------------------------------- full state
+# Checkpoints hold full state dicts whatever the parallelism (torch.distributed.checkpoint.state_dict gathers FSDP2's
+# shards), so a checkpoint trained with one parallelism or world size loads into another, and prep/eval read it
+# without ranks.
+
+def _options(cpu_offload: bool = True):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
+
+
+def full_state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> tuple[dict, Optional[dict]]:
+    """(model weights, optimizer state) as full tensors keyed by parameter names (no 'module.' prefixes).
+
+    Collective under FSDP2: every rank must call it; ranks other than 0 get empty dicts then."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    weights = get_model_state_dict(model, options=_options())
+    optim = get_optimizer_state_dict(model, optimizer, options=_options()) if optimizer is not None else None
+    return weights, optim
+
+
+def load_full_state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], weights: dict[str, Any],
+                    optim: Optional[dict[str, Any]] = None) -> None:
+    """Load full state dicts (as full_state returned them) into a possibly wrapped model and its optimizer."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    set_model_state_dict(model, weights, options=_options(False))
+    if optimizer is not None and optim is not None:
+        set_optimizer_state_dict(model, optimizer, optim, options=_options(False))
+        for group in optimizer.param_groups:    # the state-dict round trip turns tuples (betas) into lists
+            for key, value in group.items():
+                if isinstance(value, list) and key != "params":
+                    group[key] = tuple(value)

@@ -27,7 +27,7 @@ from hpcvid.stages import eval_ae, train_ae
 from hpcvid.stages.encoders import file_digest
 from hpcvid.train import checkpoint as ck
 from hpcvid.train.autoencoder import build_model, config_to_dict, load_autoencoder, model_config
-from hpcvid.train.distributed import full_state
+from hpcvid.train.checkpoint import full_state
 from hpcvid.train.metrics import from_uint8, psnr, read_jsonl, read_png_size
 from prep_helpers import assert_cli_ok, assert_user_error, check_dataset, merged, write_job
 

@@ -19,7 +19,7 @@ from hpcvid.stages.encoders import CMDPrepEncoder, ReducioPrepEncoder, build_pre
 from hpcvid.train import checkpoint as ck
 from hpcvid.train.autoencoder import (build_model, check_clip_size, compression, config_to_dict, load_autoencoder,
                                       model_config, reconstruct, train_pass)
-from hpcvid.train.distributed import full_state, load_full_state
+from hpcvid.train.checkpoint import full_state, load_full_state
 from hpcvid.train.losses import PatchDiscriminator3d, adaptive_gan_weight, hinge_d_loss, kl_per_clip, ssim_loss
 from hpcvid.train.metrics import (MetricsLog, contact_sheet, curves_png, frame_changes, png_bytes, psnr, read_jsonl,
                                   read_png_size, ssim, temporal_error, write_png)
