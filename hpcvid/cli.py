@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from hpcvid.config import (EXIT_RUN_STOPPED, EXIT_USER_ERROR, JobSpec, RunStopped, UserError, load_job, name_source,
+from hpcvid.config import (EXIT_RUN_STOPPED, EXIT_USER_ERROR, JobSpec, RunStopped, UserError, error_line, load_job,
                            preflight, to_dict)
+from hpcvid.stages import STAGES          # the registry only: no stage module is imported here
 
-STAGE_COMMANDS = ("prep", "selftest", "train-ae", "eval-ae")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,10 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--spec-only", action="store_true",
                        help="skip the path checks (inputs exist, outputs can be created), e.g. on a machine "
                             "without the data; the stages still run them when they start")
-    with_spec("prep", "turn videos into HDF5 latent shards")
-    with_spec("selftest", "check ranks, rendezvous and requeue on an allocation (a tiny resumable job)")
-    with_spec("train-ae", "train a video autoencoder (Reducio-VAE or CMD) on decoded clips, resumable")
-    with_spec("eval-ae", "reconstruction PSNR/SSIM, compression and a contact sheet of a trained autoencoder")
+    for stage in STAGES.values():
+        with_spec(stage.command, stage.help)
     submit = sub.add_parser("submit", help="submit a pipeline of stages (jobs/pipeline_*.yaml)")
     submit.add_argument("pipeline", metavar="PIPELINE.yaml")
     submit.add_argument("--cluster", default="slurm", choices=["slurm", "local", "processes", "debug"],
@@ -76,19 +74,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return _dispatch(args)
     except UserError as e:
-        print(f"hpcvid {args.command}: {one_line(e)}", file=sys.stderr)
+        print(f"hpcvid {args.command}: {error_line(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except RunStopped as e:
-        print(f"hpcvid {args.command}: {one_line(e)}", file=sys.stderr)
+        print(f"hpcvid {args.command}: {error_line(e)}", file=sys.stderr)
         return EXIT_RUN_STOPPED
     except KeyboardInterrupt:
         print(f"hpcvid {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-
-
-def one_line(error: BaseException) -> str:
-    """An error's text as one line whatever a value in it holds (a path or a key with a newline)."""
-    return str(error).replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -102,8 +95,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         for path in render_pipeline(args.pipeline, Path(args.out)):
             print(path)
         return 0
-    if args.command in STAGE_COMMANDS:
-        return _run_stage(args.command, args.job, args.overrides)
+    stages = {stage.command: stage.name for stage in STAGES.values()}
+    if args.command in stages:
+        return _run_stage(stages[args.command], args.job, args.overrides)
     if args.command == "check":
         job: JobSpec = load_job(args.job, args.overrides)
         if not args.spec_only:
@@ -141,45 +135,18 @@ def _launch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_stage(command: str, job_path: str, overrides: list[str]) -> int:
-    """Check the spec and its paths on every rank, refuse together if any rank found a problem (one line, exit 2,
-    no hang), then run the stage; if any rank fails later, every rank is aborted instead of hanging."""
-    from hpcvid.dist import Env, make_comm, start_together
+def _run_stage(stage: str, job_path: str, overrides: list[str]) -> int:
+    """Run a stage on this rank (hpcvid.stages.runner); a spec refused at start is printed once, by rank 0."""
+    from hpcvid.dist import Env
+    from hpcvid.stages.runner import StageRefused, run_stage
 
-    stage = command.replace("-", "_")      # train-ae -> stage and section train_ae
-    env = Env.discover()
-    spec, problem = None, None
     try:
-        job = load_job(job_path, overrides)
-        spec = job.stage(stage, job_path)
-        preflight(job, job_path, stage)
-    except UserError as e:
-        problem = one_line(e)
-    comm = make_comm(env)
-    refused = start_together(comm, problem)
-    if refused:
-        if comm.rank == 0:
-            print("\n".join(f"hpcvid {command}: {line}" for line in refused), file=sys.stderr, flush=True)
-        comm.close()
+        run_stage(stage, lambda: load_job(job_path, overrides), job_path, Env.discover())
+    except StageRefused as e:
+        if e.rank == 0:
+            print("\n".join(f"hpcvid {STAGES[stage].command}: {line}" for line in e.lines), file=sys.stderr,
+                  flush=True)
         return EXIT_USER_ERROR
-    from hpcvid.stages import get_stage     # after the checks: a refused spec does not wait for torch to import
-
-    return run_on_ranks(get_stage(stage).run, spec, env, comm, command, job_path)
-
-
-def run_on_ranks(run, spec, env, comm, command: str, job_path: Optional[str] = None) -> int:
-    """Run a stage on this rank; if any rank of a multi-rank job fails, every rank is aborted instead of hanging
-    (a user error names the job file)."""
-    from hpcvid.dist import destroy_torch_distributed, fail_together
-
-    try:
-        run(spec, env, comm)
-        destroy_torch_distributed(comm)   # stages that brought torch.distributed up leave it to us
-    except BaseException as e:
-        if isinstance(e, UserError) and job_path:
-            name_source(e, job_path)
-        fail_together(comm, env, e, f"hpcvid {command}")
-    comm.close()
     return 0   # bad videos are data (failures.jsonl), not a failed job
 
 

@@ -17,8 +17,8 @@ Two steps, kept apart on purpose:
 from __future__ import annotations
 
 from hpcvid.config.loader import (EXIT_RUN_STOPPED, EXIT_USER_ERROR, RunStopped, SpecError, StrictLoader, UserError,
-                                  _positive_or_none, _ValueProblem, apply_override, digest, name_source, parse_spec,
-                                  read_yaml, to_dict)
+                                  _positive_or_none, _ValueProblem, apply_override, digest, error_line, name_source,
+                                  parse_spec, read_yaml, to_dict)
 from hpcvid.config.preflight import STAGE_SECTIONS, preflight
 from hpcvid.config.specs import (AEDataSpec, AELossSpec, AEModelSpec, ClipSpec, EncoderSpec, EvalAESpec, JobSpec,
                                  ManifestSpec, PrepSpec, SelftestSpec, ShardSpec, TextSpec, TrainAESpec, load_job)
@@ -26,5 +26,6 @@ from hpcvid.config.specs import (AEDataSpec, AELossSpec, AEModelSpec, ClipSpec, 
 __all__ = ["AEDataSpec", "AELossSpec", "AEModelSpec", "ClipSpec", "EXIT_RUN_STOPPED", "EXIT_USER_ERROR", "EncoderSpec",
            "EvalAESpec", "JobSpec", "ManifestSpec", "PrepSpec", "RunStopped", "STAGE_SECTIONS", "SelftestSpec",
            "ShardSpec", "SpecError", "StrictLoader", "TextSpec", "TrainAESpec", "UserError", "_ValueProblem",
-           "_positive_or_none", "apply_override", "digest", "load_job", "name_source", "parse_spec", "preflight",
+           "_positive_or_none", "apply_override", "digest", "error_line", "load_job", "name_source", "parse_spec",
+           "preflight",
            "read_yaml", "to_dict"]

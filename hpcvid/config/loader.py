@@ -40,6 +40,11 @@ class SpecError(UserError):
         super().__init__(where + message)
 
 
+def error_line(error: BaseException) -> str:
+    """An error's text as one line whatever a value in it holds (a path or a key with a newline)."""
+    return str(error).replace("\r", "\\r").replace("\n", "\\n")
+
+
 def name_source(error: UserError, source: str) -> UserError:
     """Make a user error raised while a stage ran name the job file too (the stage knows the key, only the caller
     knows the file). Unchanged when it already names it; returned for `raise name_source(e, path)`."""

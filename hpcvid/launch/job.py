@@ -13,7 +13,6 @@ import os
 import socket
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,9 +29,10 @@ class StageJob:
     # ------------------------------------------------------------------------------------------------ running
 
     def __call__(self) -> dict[str, Any]:
-        from hpcvid.config import JobSpec, UserError, name_source, parse_spec, preflight
-        from hpcvid.dist import Env, destroy_torch_distributed, fail_together, make_comm, start_together
+        from hpcvid.config import JobSpec, parse_spec
+        from hpcvid.dist import Env
         from hpcvid.stages import get_stage
+        from hpcvid.stages.runner import run_stage
 
         info = get_stage(self.stage)
         os.chdir(self.cwd)
@@ -41,33 +41,8 @@ class StageJob:
             os.environ["HPCVID_ARRAY_TASK_COUNT"] = str(self.array_count)
         _export_torch_rendezvous(info.comm)
         env = Env.discover()
-        spec, problem = None, None
-        try:                                # as the CLI does: the same checks, refused together, at start
-            job = parse_spec(JobSpec, {self.stage: self.spec}, self.source)
-            spec = job.stage(self.stage, self.source)
-            preflight(job, self.source, self.stage)
-        except UserError as e:
-            problem = e
-        self._record(env, "RUNNING")
-        comm = make_comm(env)
-        refused = start_together(comm, None if problem is None else str(problem))
-        if refused:
-            # the status table shows the key and what is wrong (it has 160 characters; the job file is specs/)
-            mine = f"{problem.key}: {problem.message}" if getattr(problem, "key", "") else str(problem or "")
-            self._record(env, "FAILED", error=mine or f"refused: {refused[0]}")
-            comm.close()
-            raise UserError("\n".join(refused))
-        try:
-            result = info.run(spec, env, comm)
-            destroy_torch_distributed(comm)   # together, before any rank exits
-        except BaseException as e:
-            self._record(env, "FAILED", error=f"{type(e).__name__}: {e}".splitlines()[0],
-                         trace=traceback.format_exc(limit=8))
-            if isinstance(e, UserError):
-                name_source(e, self.source)
-            fail_together(comm, env, e, f"hpcvid {self.stage}")
-            raise
-        comm.close()
+        result = run_stage(self.stage, lambda: parse_spec(JobSpec, {self.stage: self.spec}, self.source),
+                           self.source, env, status=lambda state, **extra: self._record(env, state, **extra))
         summary = _plain(result)
         self._record(env, "COMPLETED", result=summary)
         return summary

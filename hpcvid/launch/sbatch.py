@@ -50,8 +50,7 @@ def render_stage(pipeline: str, source: str, stage: PlannedStage, job_file: str,
         lines.append("#SBATCH --requeue")      # preempted: back in the queue; the stage resumes by itself
     for key, value in sorted(r.sbatch_extra.items()):
         lines.append(f"#SBATCH --{key}" + (f"={shlex.quote(value)}" if value != "" else ""))
-    # the CLI spells stage train_ae as the command train-ae
-    command = ["hpcvid", stage.stage.replace("_", "-"), job_file] + [a for item in overrides for a in ("--set", item)]
+    command = ["hpcvid", get_stage(stage.stage).command, job_file] + [a for item in overrides for a in ("--set", item)]
     lines += [
         "set -euo pipefail",
         'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"',

@@ -13,11 +13,17 @@ from typing import Any, Callable
 
 @dataclass(frozen=True)
 class StageInfo:
-    name: str
+    name: str          # the job file's section and the pipeline's stage name
     module: str
     comm: str          # "mpi" | "torch"
     array: bool        # work splits over array tasks
     trains: bool       # long-running with checkpoints: requeue on preemption/time limit
+    help: str          # one line for `hpcvid --help`
+
+    @property
+    def command(self) -> str:
+        """The CLI command and the sbatch scripts' spelling: train_ae -> train-ae."""
+        return self.name.replace("_", "-")
 
     def load(self):
         return importlib.import_module(self.module)
@@ -27,12 +33,18 @@ class StageInfo:
         return self.load().run
 
 
-STAGES: dict[str, StageInfo] = {
-    "prep": StageInfo("prep", "hpcvid.stages.prep", comm="mpi", array=True, trains=False),
-    "selftest": StageInfo("selftest", "hpcvid.stages.selftest", comm="torch", array=False, trains=True),
-    "train_ae": StageInfo("train_ae", "hpcvid.stages.train_ae", comm="torch", array=False, trains=True),
-    "eval_ae": StageInfo("eval_ae", "hpcvid.stages.eval_ae", comm="mpi", array=False, trains=False),
-}
+# The one list of stages: the CLI's stage commands, the job file's sections (hpcvid.config.JobSpec has one field
+# per entry; a test holds them together) and the names in pipelines and sbatch scripts all come from here.
+STAGES: dict[str, StageInfo] = {s.name: s for s in (
+    StageInfo("prep", "hpcvid.stages.prep", comm="mpi", array=True, trains=False,
+              help="turn videos into HDF5 latent shards"),
+    StageInfo("selftest", "hpcvid.stages.selftest", comm="torch", array=False, trains=True,
+              help="check ranks, rendezvous and requeue on an allocation (a tiny resumable job)"),
+    StageInfo("train_ae", "hpcvid.stages.train_ae", comm="torch", array=False, trains=True,
+              help="train a video autoencoder (Reducio-VAE or CMD) on decoded clips, resumable"),
+    StageInfo("eval_ae", "hpcvid.stages.eval_ae", comm="mpi", array=False, trains=False,
+              help="reconstruction PSNR/SSIM, compression and a contact sheet of a trained autoencoder"),
+)}
 
 
 def get_stage(name: str) -> StageInfo:

@@ -128,8 +128,8 @@ def test_torchrun_style_two_processes(tmp_path):
 ABORT_SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})
-from hpcvid.cli import run_on_ranks
 from hpcvid.dist import Env, make_comm
+from hpcvid.stages.runner import run_on_ranks
 
 def run(spec, env, comm):
     if env.rank == 1:
@@ -137,7 +137,8 @@ def run(spec, env, comm):
     comm.barrier()   # rank 0 would wait here forever if rank 1's failure did not end the job
 
 env = Env.discover()
-sys.exit(run_on_ranks(run, None, env, make_comm(env), "test"))
+run_on_ranks(run, None, env, make_comm(env), "test")
+sys.exit(0)
 """
 
 

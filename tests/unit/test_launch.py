@@ -247,3 +247,19 @@ def test_sbatch_renderer_refuses_any_line_with_a_control_character(tmp_path):
     with pytest.raises(UserError, match=r"^submit_all.sh: line \d+ of the script would hold '\\n'"):
         render_pipeline(str(path), out)
     assert not out.exists()
+
+
+def test_one_stage_registry_drives_the_cli_the_job_sections_and_sbatch():
+    """Every registered stage is a CLI command (spelled as in sbatch scripts) and a job-file section, and nothing
+    else is."""
+    import dataclasses
+
+    from hpcvid.cli import _parser
+    from hpcvid.config import JobSpec
+    from hpcvid.stages import STAGES
+
+    assert [f.name for f in dataclasses.fields(JobSpec)] == list(STAGES)
+    commands = _parser()._subparsers._group_actions[0].choices
+    for stage in STAGES.values():
+        assert stage.command in commands and commands[stage.command].description == stage.help
+        assert stage.command == stage.name.replace("_", "-")
