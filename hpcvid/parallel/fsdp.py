@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from hpcvid.models.cmd import CMDAutoencoder
+from hpcvid.models.dit import DiT
 from hpcvid.models.reducio import ReducioVAE
 
 
@@ -33,6 +34,7 @@ def _cmd_units(model: CMDAutoencoder) -> list[nn.Module]:
 SHARDING_UNITS: dict[type, Callable[[nn.Module], list[nn.Module]]] = {
     ReducioVAE: _reducio_units,
     CMDAutoencoder: _cmd_units,
+    DiT: lambda model: list(model.blocks),
 }
 
 
@@ -57,7 +59,9 @@ def parallelize(model: nn.Module, how: str, device: torch.device, mesh=None,
 
     ddp:   one replica per rank, gradients all-reduced during backward.
     fsdp2: parameters sharded over `mesh` (default: data_mesh(device)) by fully_shard on each unit, then the root;
-           mixed_precision: compute in bf16, reduce gradients in fp32 (on GPUs; on this CPU bf16 was ~10x slower).
+           mixed_precision: parameters gathered and computed in bf16, gradients reduced in fp32 (on GPUs; on this
+           CPU bf16 was ~10x slower). Inputs are NOT cast (a DiT's timestep in bf16 would move by ~0.004): run the
+           forward pass under torch.autocast(bfloat16), which casts at each matmul.
     """
     if how == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -68,8 +72,8 @@ def parallelize(model: nn.Module, how: str, device: torch.device, mesh=None,
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = mesh if mesh is not None else data_mesh(device)
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if mixed_precision else MixedPrecisionPolicy()
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                      cast_forward_inputs=False) if mixed_precision else MixedPrecisionPolicy()
         for unit in reversed(sharding_units(model)):     # declared outermost first: reversed puts children first
             if any(p.requires_grad for p in unit.parameters()):
                 fully_shard(unit, mesh=mesh, mp_policy=policy)
