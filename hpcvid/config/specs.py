@@ -71,6 +71,10 @@ class ClipSpec:
     fps: Optional[float] = _num(None, gt=0, le=_MAX_FPS)
     clips_per_video: int = _num(1, gt=0, le=1000)   # evenly spaced over the video, deterministic; more than 1000
                                                     # from one video overlap into near-copies
+    # spread: clips_per_video clips evenly spaced over the video (one in the middle for 1), for autoencoders;
+    # consecutive: back-to-back clips from the first frame on, each starting where the last one's frame step
+    # would land (at most clips_per_video of them), so a video is a sequence of clips: what the DiTs train on
+    layout: Literal["spread", "consecutive"] = "spread"
 
 
 @dataclass(frozen=True)
