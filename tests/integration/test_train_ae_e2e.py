@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # prep_helpers, also under --import-mode=importlib
 from hpcvid.config import JobSpec, UserError, load_job, parse_spec
@@ -28,7 +29,7 @@ from hpcvid.stages.encoders import file_digest
 from hpcvid.train import checkpoint as ck
 from hpcvid.train.autoencoder import build_model, config_to_dict, load_autoencoder, model_config
 from hpcvid.train.checkpoint import full_state
-from hpcvid.train.metrics import from_uint8, psnr, read_jsonl, read_png_size
+from hpcvid.train.metrics import from_uint8, psnr, read_jsonl, read_tensorboard
 from prep_helpers import assert_cli_ok, assert_user_error, check_dataset, merged, write_job
 
 
@@ -82,9 +83,23 @@ def check_eval_report(out: Path, clips: int, ratio: float) -> dict:
     assert overall["psnr_min"] <= overall["psnr"] <= overall["psnr_max"]
     assert report["compression"]["pixels_per_latent_element"] == ratio
     image = decode_png(out / "contact_sheet.png")                        # FFmpeg reads it: a real PNG
-    assert image.shape[:2] == read_png_size(out / "contact_sheet.png")
+    with Image.open(out / "contact_sheet.png") as im:                    # and Pillow, to the same pixels
+        assert im.size == image.shape[1::-1] and np.array_equal(np.asarray(im.convert("RGB")), image)
     assert image.shape[0] > 2 * 96 and image.std() > 5                   # two rows per clip, not a blank image
     return report
+
+
+def check_curves(out: Path, records: list[dict]) -> None:
+    """curves.png (loss and PSNR panels) and the TensorBoard events hold what metrics.jsonl holds: each logged step
+    once, even across a resume."""
+    with Image.open(out / "curves.png") as im:
+        image = np.asarray(im.convert("RGB"))
+    assert image.shape == (400, 1280, 3) and image.std() > 10               # two 640 x 400 panels, not blank
+    events = read_tensorboard(out / "tensorboard")
+    for key in ("loss", "l1", "psnr", "lr", "skipped"):
+        logged = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        assert [s for s, _ in events[key]] == [s for s, _ in logged], key
+        assert [v for _, v in events[key]] == pytest.approx([v for _, v in logged], rel=1e-6), key   # float32
 
 
 # ---------------------------------------------------------------------------------------------------- 2 ranks
@@ -114,7 +129,7 @@ def test_reducio_two_ranks_trains_resumes_and_evaluates(tmp_path, synthetic_vide
     # the residual decoder starts at the repeated centre frame: 8 steps move the probe little, either way
     assert report["probe"]["start"]["clips"] == report["probe"]["end"]["clips"] > 0
     assert abs(report["probe"]["start"]["psnr"] - report["probe"]["end"]["psnr"]) < 2.0
-    assert (out / "curves.png").stat().st_size > 0
+    check_curves(out, records)
 
     res = run_cli(["eval-ae", job])
     assert_cli_ok(res)
@@ -171,6 +186,9 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, synthetic_vi
     strip = ("sec_per_step", "time")
     assert [{k: v for k, v in r.items() if k not in strip} for r in la] == \
         [{k: v for k, v in r.items() if k not in strip} for r in lb]
+    ta, tb = read_tensorboard(tmp_path / "a" / "tensorboard"), read_tensorboard(tmp_path / "b" / "tensorboard")
+    assert ta["loss"] == tb["loss"] and [s for s, _ in tb["loss"]] == [1, 2, 3, 4, 5, 6]   # the resume: no doubles
+    check_curves(tmp_path / "b", lb)
 
 
 def test_gan_loss_trains_and_checkpoints_the_discriminator(tmp_path, synthetic_videos):
@@ -180,6 +198,8 @@ def test_gan_loss_trains_and_checkpoints_the_discriminator(tmp_path, synthetic_v
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert "d_loss" not in records[0]                                     # step 0: before gan_start_step
     assert {"d_loss", "g_loss", "gan_weight"} <= set(records[1]) and records[1]["gan_weight"] > 0
+    events = read_tensorboard(tmp_path / "run" / "tensorboard")
+    assert [s for s, _ in events["d_loss"]] == [2, 3] and [s for s, _ in events["loss"]] == [1, 2, 3]
     folder = Path(result.checkpoint)
     assert {"discriminator.safetensors", "disc_optimizer.pt"} <= {p.name for p in folder.iterdir()}
     resumed = run_train({**section, "steps": 4}, tmp_path)                 # loads the discriminator back

@@ -1,4 +1,5 @@
-"""Autoencoder training pieces: metrics and losses, checkpoints, PNGs, specs, compression figures, prep encoders.
+"""Autoencoder training pieces: metrics and losses, checkpoints, the training log (JSONL, TensorBoard), PNGs and plots,
+specs, compression figures, prep encoders.
 
 Everything here runs in this process on tiny inputs; the stages end to end are in tests/integration/test_train_ae_e2e.py.
 """
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from hpcvid.config import SpecError, UserError, load_job
 from hpcvid.stages.encoders import CMDPrepEncoder, ReducioPrepEncoder, build_prep_encoder, file_digest
@@ -21,8 +23,9 @@ from hpcvid.train.autoencoder import (build_model, check_clip_size, compression,
                                       model_config, reconstruct, train_pass)
 from hpcvid.train.checkpoint import full_state, load_full_state
 from hpcvid.train.losses import PatchDiscriminator3d, adaptive_gan_weight, hinge_d_loss, kl_per_clip, ssim_loss
-from hpcvid.train.metrics import (MetricsLog, contact_sheet, curves_png, frame_changes, png_bytes, psnr, read_jsonl,
-                                  read_png_size, ssim, temporal_error, write_png)
+from hpcvid.train.metrics import (MetricsLog, TrainingLog, frame_changes, psnr, read_jsonl, read_tensorboard, ssim,
+                                  temporal_error)
+from hpcvid.train.pictures import contact_sheet, curves_png, plot_curves, write_png
 
 
 def rand_video(*shape, seed=0) -> torch.Tensor:
@@ -102,27 +105,43 @@ def test_kl_hinge_discriminator_and_adaptive_weight():
 
 # ---------------------------------------------------------------------------------------------------- PNG, logs
 
-def test_png_round_trips_through_ffmpeg(tmp_path):
+def read_picture(path) -> np.ndarray:
+    """A PNG as Pillow reads it, RGB (matplotlib writes RGBA)."""
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        return np.asarray(im.convert("RGB"))
+
+
+def test_png_round_trips_through_pillow_and_ffmpeg(tmp_path):
     image = np.random.default_rng(0).integers(0, 256, (17, 23, 3), dtype=np.uint8)
     write_png(tmp_path / "a.png", image)
-    assert read_png_size(tmp_path / "a.png") == (17, 23)
-    assert np.array_equal(decode_png(tmp_path / "a.png"), image)
-    assert png_bytes(np.zeros((4, 5), np.uint8)).startswith(b"\x89PNG")
-    with pytest.raises(ValueError):
-        png_bytes(np.zeros((4, 5, 3), np.float32))
+    assert np.array_equal(read_picture(tmp_path / "a.png"), image)
+    assert np.array_equal(decode_png(tmp_path / "a.png"), image)           # FFmpeg agrees, pixel for pixel
+    grey = image[..., 0]
+    write_png(tmp_path / "grey.png", grey)
+    with Image.open(tmp_path / "grey.png") as im:
+        assert im.mode == "L" and np.array_equal(np.asarray(im), grey)
+    with pytest.raises(ValueError, match="uint8"):
+        write_png(tmp_path / "f.png", np.zeros((4, 5, 3), np.float32))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "grey.png"]   # no temporary file left behind
 
 
 def test_contact_sheet_puts_originals_over_reconstructions(tmp_path):
     original = np.zeros((8, 16, 16, 3), np.uint8)
     original[..., 0] = 200                                   # red clip
+    original[:, 3, 5] = (0, 255, 0)                          # one green pixel, to follow through the enlargement
     recon = np.zeros_like(original)
     recon[..., 2] = 200                                      # blue reconstruction
     sheet = contact_sheet([(original, recon), (original, recon)], frames=4, min_frame=32)
-    k = 2                                                    # 16 px frames enlarged to 32
-    assert sheet.dtype == np.uint8 and sheet.shape[1] == 4 * (16 * k + 2) - 2 + 2 * 8
-    top, bottom = sheet[8 + 5, 8 + 5], sheet[8 + 16 * k + 2 + 5, 8 + 5]
+    k, pad = 2, 8                                            # 16 px frames enlarged to 32; 4 x gap 2 around
+    assert sheet.dtype == np.uint8 and sheet.shape[1] == 4 * (16 * k + 2) - 2 + 2 * pad
+    assert sheet.shape[0] == 2 * (2 * 16 * k + 2) + 3 * pad
+    top, bottom = sheet[pad + 5, pad + 5], sheet[pad + 16 * k + 2 + 5, pad + 5]
     assert tuple(top) == (200, 0, 0) and tuple(bottom) == (0, 0, 200)
+    tile = sheet[pad:pad + 16 * k, pad:pad + 16 * k]         # nearest neighbour: every pixel a sharp k x k block
+    assert np.array_equal(tile, original[0].repeat(k, axis=0).repeat(k, axis=1))
     write_png(tmp_path / "sheet.png", sheet)
+    assert np.array_equal(read_picture(tmp_path / "sheet.png"), sheet)
     assert np.array_equal(decode_png(tmp_path / "sheet.png"), sheet)
 
 
@@ -137,9 +156,85 @@ def test_metrics_log_drops_redone_steps_on_resume(tmp_path):
     assert [r["step"] for r in read_jsonl(path)] == [10, 20]
     MetricsLog(path)                                         # a fresh run starts a fresh log
     assert not path.exists()
-    curves_png([{"step": s, "loss": 1.0 / s, "l1": 0.5 / s, "psnr": 10 + s / 10} for s in (10, 20, 30)],
-               tmp_path / "curves.png")
-    assert decode_png(tmp_path / "curves.png").shape == (300, 960, 3)
+
+
+def test_training_log_writes_jsonl_and_tensorboard_and_purges_on_resume(tmp_path):
+    with TrainingLog(tmp_path) as log:
+        for step in (10, 20, 30):
+            log.write({"step": step, "loss": 1.0 / step, "skipped": 0, "stage": {"0": 2.0 * step}, "note": "x"})
+    assert read_jsonl(tmp_path / "metrics.jsonl") == [
+        {"step": s, "loss": 1.0 / s, "skipped": 0, "stage": {"0": 2.0 * s}, "note": "x"} for s in (10, 20, 30)]
+    tb = read_tensorboard(tmp_path / "tensorboard")
+    assert sorted(tb) == ["loss", "skipped", "stage/0"]                  # numbers only; nested dicts as outer/inner
+    assert [s for s, _ in tb["loss"]] == [10, 20, 30]
+    assert [v for _, v in tb["loss"]] == pytest.approx([0.1, 0.05, 1 / 30])   # stored as float32
+    assert tb["stage/0"] == [(10, 20.0), (20, 40.0), (30, 60.0)]
+
+    with TrainingLog(tmp_path, resume_step=20) as log:     # resumed from the step-20 checkpoint: 30 is redone
+        log.write({"step": 30, "loss": 0.5, "grad_norm": float("nan")})
+        log.write({"step": 40, "loss": 0.25})
+    assert [(r["step"], r["loss"]) for r in read_jsonl(tmp_path / "metrics.jsonl")] == \
+        [(10, 0.1), (20, 0.05), (30, 0.5), (40, 0.25)]
+    tb = read_tensorboard(tmp_path / "tensorboard")
+    assert tb["loss"] == [(10, pytest.approx(0.1)), (20, pytest.approx(0.05)), (30, 0.5), (40, 0.25)]   # no doubles
+    assert "grad_norm" not in tb                                          # NaN: null in the JSONL, no TB point
+    assert [s for s, _ in tb["stage/0"]] == [10, 20]                      # the old run's step 30 is hidden
+
+    with TrainingLog(tmp_path) as log:                     # a fresh run: the old JSONL and events go
+        log.write({"step": 1, "loss": 3.0})
+    assert len(list((tmp_path / "tensorboard").iterdir())) == 1
+    assert read_tensorboard(tmp_path / "tensorboard") == {"loss": [(1, 3.0)]}
+    with pytest.raises(RuntimeError, match="closed"):
+        log.write({"step": 2, "loss": 1.0})
+    with pytest.raises(ValueError, match="integer 'step'"):
+        TrainingLog(tmp_path / "b").write({"loss": 1.0})
+
+
+def test_training_log_of_other_ranks_writes_nothing(tmp_path):
+    log = TrainingLog(tmp_path / "run", enabled=False)
+    log.write({"step": 1, "loss": 1.0})
+    log.close()
+    assert not (tmp_path / "run").exists()
+
+
+def coloured(image: np.ndarray, rgb: tuple[int, int, int], tol: int = 40) -> int:
+    """How many pixels are within `tol` of a colour."""
+    return int((np.abs(image.astype(int) - rgb).max(axis=2) <= tol).sum())
+
+
+def skipped_bands(image: np.ndarray) -> int:
+    """Columns that are mostly the translucent red of the skipped-step lines (from top to bottom of a plot)."""
+    pink = np.abs(image.astype(int) - (255, 166, 166)).max(axis=2) <= 25
+    return int((pink.sum(axis=0) > 200).sum())
+
+
+def test_curves_png_draws_losses_log_scale_psnr_and_skipped_steps(tmp_path):
+    records = [{"step": s, "loss": 1.0 / s, "l1": 0.5 / s, "kl": 3.0, "psnr": 10 + s / 10, "skipped": 0}
+               for s in range(10, 310, 10)]
+    records[12].update(loss=None, l1=None, skipped=5, nonfinite=["l1", "loss"])   # a skipped interval: a gap
+    curves_png(records, tmp_path / "curves.png")
+    image = read_picture(tmp_path / "curves.png")
+    assert image.shape == (400, 1280, 3)                                  # two 640 x 400 panels
+    assert coloured(image, (31, 119, 180)) > 500                          # matplotlib's first line colour: loss
+    assert coloured(image[:, 640:], (31, 119, 180)) > 300                 # and PSNR in the right panel
+    assert 0 < skipped_bands(image[:, :640]) < 5                          # one thin red line at the skipped step
+    curves_png([{"step": s, "loss": 1.0 / s} for s in (1, 2)], tmp_path / "no_psnr.png")
+    assert read_picture(tmp_path / "no_psnr.png").shape == (400, 640, 3)  # no PSNR logged: one panel
+
+
+def test_plot_curves_is_generic_over_keys(tmp_path):
+    records = [{"step": s, "loss/stage0": 2.0 / s, "loss/stage1": 1.0 / s, "grad_norm": 5.0, "lr": 1e-4}
+               for s in range(1, 101)]
+    plot_curves(records, ["loss/stage0", "loss/stage1", "grad_norm", "lr"], tmp_path / "dit.png", "DiT")
+    image = read_picture(tmp_path / "dit.png")
+    assert image.shape == (400, 640, 3) and image.std() > 10
+    for colour in [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]:   # one line per key
+        assert coloured(image, colour, tol=30) > 100, colour
+    assert skipped_bands(image) == 0                                      # nothing skipped, no red line
+    plot_curves([{"step": 1, "g_loss": -0.5}, {"step": 2, "g_loss": 0.5}], ["g_loss", "absent"],
+                tmp_path / "linear.png")                                  # a negative value: linear axis, no error
+    blank = read_picture(tmp_path / "linear.png")
+    assert blank.shape == (400, 640, 3) and coloured(blank, (31, 119, 180)) > 20
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
@@ -380,6 +475,7 @@ def test_metrics_lines_stay_strict_json(tmp_path):
                         "nonfinite": ["grad_norm", "loss", "x"]}
     assert read_jsonl(path) == lines
     curves_png(lines, tmp_path / "curves.png")                            # nulls are gaps, not a crash
+    assert read_picture(tmp_path / "curves.png").shape == (400, 640, 3)
 
 
 # ---------------------------------------------------------------------------------------------------- configs
