@@ -8,7 +8,8 @@
     hpcvid sbatch PIPELINE.yaml --out DIR        plain sbatch scripts of a pipeline, for admins
 
 User errors (bad spec, unusable manifest, wrong folder) print one line and exit with status 2; a run that stopped on
-purpose (training diverged) prints one line and exits with status 3. A stage command runs the same checks as
+purpose (training diverged) prints one line and exits with status 3; a training run stopped by SIGUSR2/SIGTERM saves
+a checkpoint, prints one line and exits with status 75 (run the same command again to resume). A stage command runs the same checks as
 `hpcvid check` (spec and paths) on every rank before it starts, and refuses once, on every rank, with exit 2.
 """
 from __future__ import annotations
@@ -19,8 +20,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from hpcvid.config import (EXIT_RUN_STOPPED, EXIT_USER_ERROR, JobSpec, RunStopped, UserError, error_line, load_job,
-                           preflight, to_dict)
+from hpcvid.config import (EXIT_PREEMPTED, EXIT_RUN_STOPPED, EXIT_USER_ERROR, JobSpec, Preempted, RunStopped,
+                           UserError, error_line, load_job, preflight, to_dict)
 from hpcvid.stages import STAGES          # the registry only: no stage module is imported here
 
 
@@ -42,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="skip the path checks (inputs exist, outputs can be created), e.g. on a machine "
                             "without the data; the stages still run them when they start")
     for stage in STAGES.values():
-        with_spec(stage.command, stage.help)
+        p = with_spec(stage.command, stage.help)
+        if stage.name == "sample":
+            p.add_argument("--prompt", help="the text to render (verbatim: quotes, unicode and newlines stay)")
     submit = sub.add_parser("submit", help="submit a pipeline of stages (jobs/pipeline_*.yaml)")
     submit.add_argument("pipeline", metavar="PIPELINE.yaml")
     submit.add_argument("--cluster", default="slurm", choices=["slurm", "local", "processes", "debug"],
@@ -79,6 +82,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except RunStopped as e:
         print(f"hpcvid {args.command}: {error_line(e)}", file=sys.stderr)
         return EXIT_RUN_STOPPED
+    except Preempted as e:
+        print(f"hpcvid {args.command}: {error_line(e)}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print(f"hpcvid {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -97,7 +103,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     stages = {stage.command: stage.name for stage in STAGES.values()}
     if args.command in stages:
-        return _run_stage(stages[args.command], args.job, args.overrides)
+        return _run_stage(stages[args.command], args.job, args.overrides, getattr(args, "prompt", None))
     if args.command == "check":
         job: JobSpec = load_job(args.job, args.overrides)
         if not args.spec_only:
@@ -135,13 +141,22 @@ def _launch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_stage(stage: str, job_path: str, overrides: list[str]) -> int:
-    """Run a stage on this rank (hpcvid.stages.runner); a spec refused at start is printed once, by rank 0."""
+def _run_stage(stage: str, job_path: str, overrides: list[str], prompt: Optional[str] = None) -> int:
+    """Run a stage on this rank (hpcvid.stages.runner); a spec refused at start is printed once, by rank 0.
+    `prompt` replaces sample.prompt as it is (not through YAML, which would read 'a: b' as a mapping)."""
+    import dataclasses
+
     from hpcvid.dist import Env
     from hpcvid.stages.runner import StageRefused, run_stage
 
+    def load() -> JobSpec:
+        job = load_job(job_path, overrides)
+        if prompt is not None and job.sample is not None:
+            job = dataclasses.replace(job, sample=dataclasses.replace(job.sample, prompt=prompt))
+        return job
+
     try:
-        run_stage(stage, lambda: load_job(job_path, overrides), job_path, Env.discover())
+        run_stage(stage, load, job_path, Env.discover())
     except StageRefused as e:
         if e.rank == 0:
             print("\n".join(f"hpcvid {STAGES[stage].command}: {line}" for line in e.lines), file=sys.stderr,

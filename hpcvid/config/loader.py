@@ -27,8 +27,14 @@ class RunStopped(RuntimeError):
     one-line reason and exits with EXIT_RUN_STOPPED, so a scheduler records a failure instead of requeueing."""
 
 
+class Preempted(RuntimeError):
+    """A run that saved its state and stopped on a preemption signal (SIGUSR2/SIGTERM): running it again resumes.
+    The CLI prints the one-line reason and exits with EXIT_PREEMPTED (75, EX_TEMPFAIL: "try again later")."""
+
+
 EXIT_USER_ERROR = 2
 EXIT_RUN_STOPPED = 3
+EXIT_PREEMPTED = 75
 
 
 class SpecError(UserError):

@@ -294,6 +294,110 @@ class EvalAESpec:
         yield _Need(f"{at}.output", self.output, "out", "output folder")
 
 
+# ---------------------------------------------------------------------------------------------------- the DiTs
+
+@dataclass(frozen=True)
+class DiTModelSpec:
+    """Which DiT: the keyframe model (text -> content frames, pixels) or the motion model (text + content frames ->
+    motion latents); a size preset of hpcvid.models.dit.DIT_PRESETS ("<kind>-<preset>"); `overrides` replace
+    single config fields (checked when the model is built)."""
+    kind: Literal["keyframe", "motion"]
+    preset: Literal["tiny", "paper"] = "tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FlowSpec:
+    """The generative process (METHODS.md §3): pyramidal flow matching over `stages` spatial resolutions, or the
+    plain full-resolution flow as the baseline."""
+    kind: Literal["pyramidal", "full"] = "pyramidal"
+    stages: int = _num(3, gt=0, le=6)             # 1/2^(stages-1) .. 1 of full size; 6 halvings leave 1/32 of it
+    text_dropout: float = _num(0.1, ge=0, le=1)   # share of samples trained without text (classifier-free guidance)
+    sample_steps: int = _num(20, gt=0, le=10000)  # Euler steps per stage when sampling
+    guidance: float = _num(5.0, ge=0, le=100)     # classifier-free guidance scale when sampling (1: none)
+
+
+@dataclass(frozen=True)
+class TrainDataSpec:
+    """The prep dataset a DiT trains on: keyframe models read its content pictures (images/content), motion models
+    its latents (with the pictures as conditioning); `sequence` consecutive clips of one video per sample
+    (prep with clip.layout: consecutive)."""
+    shards: str                                   # a prep dataset folder
+    sequence: int = _num(1, gt=0, le=1024)        # clips (keyframes) per sample; 1024 clips of 16 frames is a
+                                                  # 10-minute video at 24 fps
+    allow_incomplete: bool = False                # train on the complete shards of an unfinished prep
+    prefetch: int = _num(2, ge=0, le=64)          # batches prepared ahead by a background thread
+
+    def needs(self, at: str) -> Iterator[_Need]:
+        yield _Need(f"{at}.shards", self.shards, "dir", "prep dataset folder")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """DiT training with flow matching: `steps` optimizer steps of `batch_size` samples per rank (x grad_accum),
+    AdamW with warm-up and cosine decay, an EMA of the weights, resumed from OUTPUT (torch.distributed.checkpoint,
+    any number of ranks)."""
+    model: DiTModelSpec
+    data: TrainDataSpec
+    output: str                                   # run folder: checkpoints/, metrics.jsonl, tensorboard/, plots
+    flow: FlowSpec = field(default_factory=FlowSpec)
+    steps: int = _num(1000, gt=0, le=_MAX_COUNT)
+    batch_size: int = _num(4, gt=0, le=_MAX_CLIP_BATCH)      # samples per rank per micro-batch
+    grad_accum: int = _num(1, gt=0, le=1024)      # micro-batches per optimizer step
+    lr: float = _num(1e-4, gt=0, le=_MAX_LR)
+    min_lr: float = _num(0.0, ge=0, le=_MAX_LR)   # the cosine decay's floor
+    warmup_steps: int = _num(0, ge=0, le=_MAX_COUNT)
+    weight_decay: float = _num(0.0, ge=0, le=1000)
+    betas: tuple[float, float] = _num((0.9, 0.999), ge=0, lt=1)
+    grad_clip: Optional[float] = _num(1.0, gt=0, le=1e9)
+    ema_decay: float = _num(0.999, ge=0, lt=1)    # per optimizer step; 0 keeps no average (the EMA = the weights)
+    max_nonfinite_steps: int = _num(20, gt=0, le=_MAX_COUNT)
+    checkpoint_every: int = _num(500, gt=0, le=_MAX_COUNT)
+    keep_last: int = _num(3, gt=0, le=10000)
+    log_every: int = _num(10, gt=0, le=_MAX_COUNT)
+    sample_every: Optional[int] = _num(None, gt=0, le=_MAX_COUNT)   # contact sheets of samples (null: at the end)
+    seed: int = _num(0, ge=0, le=2 ** 63 - 1)
+    parallel: Literal["none", "ddp", "fsdp2"] = "fsdp2"   # none: one process, no wrapper
+    activation_checkpointing: bool = False        # recompute each block in backward: less memory, ~30% more time
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 on CUDA, fp32 on CPU (bf16 ~10x slower there)
+    peak_tflops: Optional[float] = _num(None, gt=0, le=1e6)   # per rank, for MFU; null: a measured matmul
+    torch_threads: Optional[int] = _num(None, gt=0, le=_MAX_THREADS)
+    progress: bool = True
+
+    def validate(self, at: str) -> None:
+        if self.min_lr > self.lr:
+            raise _ValueProblem(f"{at}.min_lr", f"{self.min_lr} is above lr {self.lr}")
+
+    def needs(self, at: str) -> Iterator[_Need]:
+        yield from self.data.needs(f"{at}.data")
+        yield _Need(f"{at}.output", self.output, "out", "run folder")
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """One short video from a prompt, end to end: the keyframe model draws a content frame per clip, the motion
+    model each clip's motion latent from the text and those frames, the autoencoder decodes every clip with its own
+    content frame; an mp4 and a contact sheet."""
+    keyframe: str                                 # a train output folder (its newest verified checkpoint) or a step
+    motion: str                                   # folder: the EMA weights (ema.safetensors) are used
+    autoencoder: str                              # the train_ae output (or step folder) whose latents motion learned
+    output: str                                   # folder for sample.mp4, sample.png and sample.json
+    prompt: str = "a red circle moving right on a blue gradient"   # `hpcvid sample JOB --prompt "..."` sets it
+    clips: int = _num(2, gt=0, le=1024)           # clips (keyframes) of the video
+    steps: int = _num(10, gt=0, le=10000)         # Euler steps per pyramid stage
+    guidance: float = _num(3.0, ge=0, le=100)     # classifier-free guidance scale (1: none)
+    seed: int = _num(0, ge=0, le=2 ** 63 - 1)
+    text: TextSpec = field(default_factory=TextSpec)   # must be the encoder the DiTs' dataset used
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def needs(self, at: str) -> Iterator[_Need]:
+        for key in ("keyframe", "motion", "autoencoder"):
+            yield _Need(f"{at}.{key}", getattr(self, key), "dir", "training output or checkpoint folder")
+        yield from self.text.needs(f"{at}.text")
+        yield _Need(f"{at}.output", self.output, "out", "output folder")
+
+
 def _stage_section() -> Any:
     """A stage's section of a job file: absent is fine, present with nothing under it (`prep:`) is a mistake."""
     return field(default=None, metadata={"null": "refused"})
@@ -306,6 +410,8 @@ class JobSpec:
     selftest: Optional[SelftestSpec] = _stage_section()
     train_ae: Optional[TrainAESpec] = _stage_section()
     eval_ae: Optional[EvalAESpec] = _stage_section()
+    train: Optional[TrainSpec] = _stage_section()
+    sample: Optional[SampleSpec] = _stage_section()
 
     def validate(self, at: str) -> None:
         if all(getattr(self, f.name) is None for f in dataclasses.fields(self)):

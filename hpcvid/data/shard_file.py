@@ -24,7 +24,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import h5py
 import numpy as np
@@ -271,14 +271,30 @@ def field_bytes(f: h5py.File) -> dict[str, int]:
 
 # ---------------------------------------------------------------------------------------------------- reading
 
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass
+class _Bucket:
+    """One bucket's group, checked: its clip count and the small arrays that locate each clip's caption and
+    pictures (a few bytes a clip, kept while the file is open)."""
+    group: h5py.Group
+    clips: int
+    text_rows: Optional[np.ndarray]                                   # (N,) rows of /text; None in format 1
+    images: dict[str, tuple[h5py.Dataset, np.ndarray, tuple[int, int, int]]]   # name -> data, offsets (N+1,), shape
+
+
 class ShardReader:
-    """Every clip of one shard, of format version 1 or 2, as plain numpy / str values.
+    """Clips of one shard, of format version 1 or 2, as plain numpy / str values: all in order, or any by index.
 
         with ShardReader(path) as shard:
             for clip in shard:      # latents, clip_id, video_id, caption, row, start_frame, stride, fps, bucket,
                 ...                 # text_states (L, D) float16 when stored, and each picture/extra by name
+            two = shard.read("64x64", [7, 2])     # the same dicts for clips 7 and 2: only their bytes are read
 
-    Shapes, dtypes and offsets are checked against each other before anything is returned (ShardFormatError).
+    Shapes, dtypes and offsets are checked against each other before anything is returned (ShardFormatError): the
+    whole shard by `validate()`, which iteration runs first; a bucket's own fields before `read` first touches it.
     """
 
     def __init__(self, path: Path):
@@ -293,6 +309,7 @@ class ShardReader:
             raise ShardFormatError(f"{self.path}: attrs.format: not an hpcvid shard of format version "
                                    f"{' or '.join(map(str, READABLE_VERSIONS))}")
         self.version = version
+        self._checked: dict[str, _Bucket] = {}
         self._text = self._read_text() if version >= 2 else None
 
     def __enter__(self) -> "ShardReader":
@@ -308,11 +325,16 @@ class ShardReader:
     def buckets(self) -> dict[str, int]:
         return {name: group["latents"].shape[0] for name, group in self.file.get("clips", {}).items()}
 
-    def _read_text(self) -> tuple[list[str], Optional[np.ndarray], Optional[np.ndarray]]:
+    @property
+    def latent_shapes(self) -> dict[str, list[int]]:
+        """Each bucket's per-clip latent shape (from the dataset's header: nothing is read)."""
+        return {name: list(group["latents"].shape[1:]) for name, group in self.file.get("clips", {}).items()}
+
+    def _read_text(self) -> tuple[list[str], Optional[h5py.Dataset], Optional[np.ndarray]]:
         text = self.file.get("text")
         if text is None or "caption" not in text:
             raise ShardFormatError(f"{self.path}: /text/caption: missing")
-        captions = [c.decode() if isinstance(c, bytes) else str(c) for c in text["caption"][()]]
+        captions = [_str(c) for c in text["caption"][()]]
         if "states" not in text:
             return captions, None, None
         offsets = text["offsets"][()]
@@ -322,72 +344,121 @@ class ShardReader:
                                    f"{text['states'].shape} {text['states'].dtype}")
         return captions, text["states"], offsets
 
+    def _bucket(self, name: str) -> _Bucket:
+        """A bucket's datasets checked to agree in length, dtype and offsets (once per open file)."""
+        if name in self._checked:
+            return self._checked[name]
+        group = self.file.get(f"clips/{name}")
+        if not isinstance(group, h5py.Group) or "latents" not in group:
+            raise ShardFormatError(f"{self.path}: clips/{name}: no such bucket (the shard has "
+                                   f"{', '.join(self.buckets) or 'none'})")
+        n = group["latents"].shape[0]
+        per_clip = ID_FIELDS + (("text_index",) if self.version >= 2 else
+                                ("caption",) + tuple(k for k in ("text_emb", "text_mask") if k in group))
+        for key in per_clip:
+            if key not in group or group[key].shape[0] != n:
+                got = group[key].shape[0] if key in group else "no"
+                raise ShardFormatError(f"{self.path}: clips/{name}/{key}: {got} entries for {n} clips")
+        if "text_emb" in group and group["text_emb"].dtype != np.float16:
+            raise ShardFormatError(f"{self.path}: clips/{name}/text_emb: dtype {group['text_emb'].dtype}")
+        text_rows, images = None, {}
+        if self.version >= 2:
+            text_rows = group["text_index"][()]
+            if n and (text_rows.min() < 0 or text_rows.max() >= len(self._text[0])):
+                raise ShardFormatError(f"{self.path}: clips/{name}/text_index: outside the {len(self._text[0])} "
+                                       f"captions of /text")
+            for key, sub in group.get("images", {}).items():
+                offsets = sub["offsets"][()]
+                if (len(offsets) != n + 1 or offsets[0] != 0 or np.any(np.diff(offsets) <= 0)
+                        or offsets[-1] != sub["data"].shape[0] or sub.attrs.get("codec") not in IMAGE_CODECS):
+                    raise ShardFormatError(f"{self.path}: clips/{name}/images/{key}: offsets or codec do not "
+                                           f"fit {n} clips")
+                images[key] = (sub["data"], offsets, tuple(int(s) for s in sub.attrs["shape"]))
+        for key, dset in group.get("extras", {}).items():
+            if dset.shape[0] != n:
+                raise ShardFormatError(f"{self.path}: clips/{name}/extras/{key}: {dset.shape[0]} entries for {n} "
+                                       f"clips")
+        self._checked[name] = _Bucket(group, n, text_rows, images)
+        return self._checked[name]
+
     def validate(self, latent_shapes: Optional[dict[str, list[int]]] = None) -> int:
         """Check every bucket's datasets agree in length, dtype and (optionally) latent shape; returns the clips."""
         total = 0
-        for name, group in self.file.get("clips", {}).items():
-            n = group["latents"].shape[0]
-            per_clip = ID_FIELDS + (("text_index",) if self.version >= 2 else
-                                    ("caption",) + tuple(k for k in ("text_emb", "text_mask") if k in group))
-            for key in per_clip:
-                if key not in group or group[key].shape[0] != n:
-                    got = group[key].shape[0] if key in group else "no"
-                    raise ShardFormatError(f"{self.path}: clips/{name}/{key}: {got} entries for {n} clips")
-            if "text_emb" in group and group["text_emb"].dtype != np.float16:
-                raise ShardFormatError(f"{self.path}: clips/{name}/text_emb: dtype {group['text_emb'].dtype}")
-            if self.version >= 2:
-                rows = group["text_index"][()]
-                if n and (rows.min() < 0 or rows.max() >= len(self._text[0])):
-                    raise ShardFormatError(f"{self.path}: clips/{name}/text_index: outside the {len(self._text[0])} "
-                                           f"captions of /text")
-                for key, sub in group.get("images", {}).items():
-                    offsets = sub["offsets"][()]
-                    if (len(offsets) != n + 1 or offsets[0] != 0 or np.any(np.diff(offsets) <= 0)
-                            or offsets[-1] != sub["data"].shape[0] or sub.attrs.get("codec") not in IMAGE_CODECS):
-                        raise ShardFormatError(f"{self.path}: clips/{name}/images/{key}: offsets or codec do not "
-                                               f"fit {n} clips")
-            if latent_shape := (latent_shapes or {}).get(name):
-                if list(group["latents"].shape[1:]) != latent_shape:
-                    raise ShardFormatError(f"{self.path}: clips/{name}/latents: shape "
-                                           f"{list(group['latents'].shape[1:])}, expected {latent_shape}")
-            total += n
+        for name, shape in self.latent_shapes.items():
+            total += self._bucket(name).clips
+            expected = (latent_shapes or {}).get(name)
+            if expected and shape != list(expected):
+                raise ShardFormatError(f"{self.path}: clips/{name}/latents: shape {shape}, expected {list(expected)}")
         if total != int(self.file.attrs.get("num_clips", -1)):
             raise ShardFormatError(f"{self.path}: attrs.num_clips: {self.file.attrs.get('num_clips')} but {total} "
                                    f"clips stored")
         return total
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        self.validate()
-        for name, group in self.file.get("clips", {}).items():
-            values = {key: group[key][()] for key in ID_FIELDS + ("latents",)}
-            text_rows = group["text_index"][()] if self.version >= 2 else None
-            images = {key: (sub["data"], sub["offsets"][()], tuple(int(s) for s in sub.attrs["shape"]))
-                      for key, sub in group.get("images", {}).items()}
-            extras = dict(group.get("extras", {}).items())
-            for i in range(group["latents"].shape[0]):
-                clip = {key: values[key][i] for key in values}
-                for key in ("clip_id", "video_id"):
-                    clip[key] = clip[key].decode() if isinstance(clip[key], bytes) else str(clip[key])
-                clip["bucket"] = name
-                clip.update(self._text_of(group, i, text_rows))
-                for key, (data, offsets, shape) in images.items():
-                    clip[key] = decode_image(data[offsets[i]:offsets[i + 1]].tobytes(), shape,
-                                             f"{self.path}:clips/{name}/images/{key}[{i}]")
-                for key, dset in extras.items():
-                    clip[key] = dset[i]
-                yield clip
+    def ids(self, bucket: str, names: Sequence[str] = ID_FIELDS) -> dict[str, np.ndarray]:
+        """Per-clip id fields of one bucket whole (strings as str): what indexing a dataset needs, without reading
+        a latent."""
+        unknown = [key for key in names if key not in ID_FIELDS]
+        if unknown:
+            raise ValueError(f"ids: {unknown} are not id fields; choose from {ID_FIELDS}")
+        group = self._bucket(bucket).group
+        return {key: group[key].asstr()[()] if key in ("clip_id", "video_id") else group[key][()] for key in names}
 
-    def _text_of(self, group: h5py.Group, i: int, text_rows: Optional[np.ndarray]) -> dict[str, Any]:
-        """The clip's caption and, when stored, its unpadded token states (L, D) float16."""
-        if text_rows is None:       # version 1: per clip, padded with a mask
-            caption = group["caption"][i]
-            out: dict[str, Any] = {"caption": caption.decode() if isinstance(caption, bytes) else str(caption)}
-            if "text_emb" in group:
-                out["text_states"] = group["text_emb"][i][group["text_mask"][i]]
-            return out
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Every clip, bucket by bucket in stored order, read a block of about CHUNK_BYTES of latents at a time."""
+        self.validate()
+        for name, n in self.buckets.items():
+            latents = self.file[f"clips/{name}/latents"]
+            block = max(1, CHUNK_BYTES // max(1, int(np.prod(latents.shape[1:])) * latents.dtype.itemsize))
+            for start in range(0, n, block):
+                yield from self.read(name, range(start, min(n, start + block)))
+
+    def read(self, bucket: str, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """The clips at `indices` of one bucket (any order, repeats allowed), as iteration gives them: only their
+        rows of each dataset are read (HDF5 reads just the chunks that hold them) and only their pictures decoded."""
+        checked = self._bucket(bucket)
+        wanted = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if wanted.size == 0:
+            return []
+        if wanted.min() < 0 or wanted.max() >= checked.clips:
+            raise IndexError(f"{self.path}: clips/{bucket}: clip indices must lie in [0, {checked.clips}), got "
+                             f"{int(wanted.min())}..{int(wanted.max())}")
+        unique, position = np.unique(wanted, return_inverse=True)   # h5py reads increasing indices
+        contiguous = int(unique[-1] - unique[0]) + 1 == len(unique)
+        rows = slice(int(unique[0]), int(unique[-1]) + 1) if contiguous else unique
+        group = checked.group
+        values = {key: group[key][rows] for key in ID_FIELDS + ("latents",)}
+        extras = {key: dset[rows] for key, dset in group.get("extras", {}).items()}
+        texts = self._texts(checked, unique, rows)
+        clips = []
+        for j, i in enumerate(unique.tolist()):
+            clip = {key: values[key][j] for key in values}
+            for key in ("clip_id", "video_id"):
+                clip[key] = _str(clip[key])
+            clip["bucket"] = bucket
+            clip.update(texts[j])
+            for key, (data, offsets, shape) in checked.images.items():
+                clip[key] = decode_image(data[offsets[i]:offsets[i + 1]].tobytes(), shape,
+                                         f"{self.path}:clips/{bucket}/images/{key}[{i}]")
+            for key, value in extras.items():
+                clip[key] = value[j]
+            clips.append(clip)
+        return [dict(clips[p]) for p in position.tolist()]
+
+    def _texts(self, checked: _Bucket, unique: np.ndarray, rows: Any) -> list[dict[str, Any]]:
+        """Each clip's caption and, when stored, its unpadded token states (L, D) float16 (clips of one caption
+        share one array)."""
+        group = checked.group
+        if checked.text_rows is None:       # version 1: per clip, padded with a mask
+            captions = [_str(c) for c in group["caption"][rows]]
+            if "text_emb" not in group:
+                return [{"caption": c} for c in captions]
+            states, mask = group["text_emb"][rows], group["text_mask"][rows]       # (n, L, D), (n, L)
+            return [{"caption": c, "text_states": s[m]} for c, s, m in zip(captions, states, mask)]
         captions, states, offsets = self._text
-        k = int(text_rows[i])
-        out = {"caption": captions[k]}
-        if states is not None:
-            out["text_states"] = states[offsets[k]:offsets[k + 1]]
-        return out
+        by_row: dict[int, dict[str, Any]] = {}
+        for k in checked.text_rows[unique].tolist():
+            if k not in by_row:
+                by_row[k] = {"caption": captions[k]}
+                if states is not None:
+                    by_row[k]["text_states"] = states[offsets[k]:offsets[k + 1]]   # (L_k, D)
+        return [by_row[k] for k in checked.text_rows[unique].tolist()]

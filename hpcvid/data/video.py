@@ -27,10 +27,11 @@ from hpcvid.io import atomic_write_with
 from hpcvid.data.decoders import (SAME_FRAME_TOLERANCE, ContainerIndex, DecordSource, PyAVSource, Untrusted,
                                   VideoError, one_line)
 
-__all__ = ["BACKENDS", "Clip", "VideoError", "VideoInfo", "VideoReader", "choose_bucket", "clip_span", "clip_starts",
-           "frame_stride", "read_clips", "resize_center_crop", "write_mp4"]
+__all__ = ["BACKENDS", "LAYOUTS", "Clip", "VideoError", "VideoInfo", "VideoReader", "choose_bucket", "clip_span",
+           "clip_starts", "frame_stride", "read_clips", "resize_center_crop", "write_mp4"]
 
 BACKENDS = ("auto", "decord", "pyav")
+LAYOUTS = ("spread", "consecutive")      # where a video's clips start: see clip_starts
 # codecs that take a constant-rate-factor option (others get their defaults)
 _CRF_CODECS = {"libx264", "libx265", "libvpx-vp9", "libsvtav1", "libaom-av1"}
 # read_clips decodes at most this many bytes of raw RGB frames per get_frames call
@@ -203,13 +204,25 @@ def clip_span(num_frames: int, stride: int) -> int:
     return (num_frames - 1) * stride + 1
 
 
-def clip_starts(total_frames: int, span: int, clips_per_video: int) -> list[int]:
-    """Evenly spaced clip starts over [0, total-span]; one clip sits in the middle (skips intros and outros)."""
-    if clips_per_video < 1 or span < 1:
-        raise ValueError(f"clips_per_video and span must be >= 1, got {clips_per_video}, {span}")
+def clip_starts(total_frames: int, span: int, clips_per_video: int, layout: str = "spread",
+                stride: int = 1) -> list[int]:
+    """Where a video's clips start.
+
+    spread: evenly spaced over [0, total-span]; one clip sits in the middle (skips intros and outros): clips that
+    show as much of the video as possible, for autoencoders.
+    consecutive: back to back from frame 0, each where the previous clip's next frame step would land (starts 0,
+    T*stride, 2*T*stride, ... with T*stride = span + stride - 1), at most clips_per_video while a whole clip fits:
+    the video as a sequence of clips that continue each other, for the DiTs.
+    """
+    if clips_per_video < 1 or span < 1 or stride < 1:
+        raise ValueError(f"clips_per_video, span and stride must be >= 1, got {clips_per_video}, {span}, {stride}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if total_frames < span:
         raise VideoError("too_short", f"{total_frames} frames, one clip needs {span}")
     last = total_frames - span
+    if layout == "consecutive":
+        return list(range(0, last + 1, span + stride - 1))[:clips_per_video]
     if clips_per_video == 1:
         return [last // 2]
     return sorted({round(k * last / (clips_per_video - 1)) for k in range(clips_per_video)})
@@ -256,8 +269,10 @@ def resize_center_crop(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def read_clips(path: str | Path, num_frames: int, target_fps: float | None, clips_per_video: int,
-               buckets: Sequence[tuple[int, int]], backend: str = "auto") -> tuple[VideoInfo, list[Clip]]:
-    """Decode `clips_per_video` clips of `num_frames` frames at about target_fps, resized into the best bucket.
+               buckets: Sequence[tuple[int, int]], backend: str = "auto",
+               layout: str = "spread") -> tuple[VideoInfo, list[Clip]]:
+    """Decode up to `clips_per_video` clips of `num_frames` frames at about target_fps, placed by `layout` (see
+    clip_starts), resized into the best bucket.
 
     The distinct frames of all clips are decoded in increasing order, in calls of at most _DECODE_CHUNK_BYTES of
     raw frames, each resized at once: peak memory stays bounded for 4K sources, and PyAV decodes in one pass.
@@ -268,7 +283,7 @@ def read_clips(path: str | Path, num_frames: int, target_fps: float | None, clip
         info = reader.info
         stride = frame_stride(info.fps, target_fps)
         span = clip_span(num_frames, stride)
-        starts = clip_starts(info.num_frames, span, clips_per_video)
+        starts = clip_starts(info.num_frames, span, clips_per_video, layout, stride)
         bucket = choose_bucket(info.height, info.width, buckets)
         offsets = np.arange(num_frames) * stride  # (T,)
         wanted = sorted({int(s + o) for s in starts for o in offsets})

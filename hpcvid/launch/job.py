@@ -108,18 +108,19 @@ def run_pickled(path: str) -> int:
     every rank, and only rank 0 prints it (the ranks share one log)."""
     import pickle
 
-    from hpcvid.config import EXIT_RUN_STOPPED, EXIT_USER_ERROR, RunStopped, UserError
+    from hpcvid.config import EXIT_PREEMPTED, EXIT_RUN_STOPPED, EXIT_USER_ERROR, Preempted, RunStopped, UserError
     from hpcvid.dist import Env
 
     with open(path, "rb") as f:   # our own file, written by the launcher a moment ago
         job = pickle.load(f)
+    codes = ((UserError, EXIT_USER_ERROR), (RunStopped, EXIT_RUN_STOPPED), (Preempted, EXIT_PREEMPTED))
     try:
         job()
-    except (UserError, RunStopped) as e:
+    except (UserError, RunStopped, Preempted) as e:
         if Env.discover().rank == 0:
             print("\n".join(f"hpcvid {job.stage}: {line}" for line in str(e).splitlines()), file=sys.stderr,
                   flush=True)
-        return EXIT_USER_ERROR if isinstance(e, UserError) else EXIT_RUN_STOPPED
+        return next(code for kind, code in codes if isinstance(e, kind))
     return 0
 
 

@@ -44,6 +44,10 @@ STAGES: dict[str, StageInfo] = {s.name: s for s in (
               help="train a video autoencoder (Reducio-VAE or CMD) on decoded clips, resumable"),
     StageInfo("eval_ae", "hpcvid.stages.eval_ae", comm="mpi", array=False, trains=False,
               help="reconstruction PSNR/SSIM, compression and a contact sheet of a trained autoencoder"),
+    StageInfo("train", "hpcvid.stages.train", comm="torch", array=False, trains=True,
+              help="train a keyframe or motion DiT with (pyramidal) flow matching on a prep dataset, resumable"),
+    StageInfo("sample", "hpcvid.stages.sample", comm="mpi", array=False, trains=False,
+              help="one short video from a prompt: keyframes, then each clip's motion, decoded to an mp4"),
 )}
 
 

@@ -139,7 +139,7 @@ class _ShardContext:
     def _decode(self, path: Path):
         clip = self.spec.clip
         return read_clips(path, clip.num_frames, clip.fps, clip.clips_per_video, self.spec.buckets,
-                          backend=self.spec.decode_backend)
+                          backend=self.spec.decode_backend, layout=clip.layout)
 
     def _decoded(self, rows: list[mf.Row], pool: cf.Executor) -> Iterator[tuple[mf.Row, Optional[Path], Any]]:
         """(row, path, clips | RowProblem | exception) in row order, with decoding `2 x workers` rows ahead."""

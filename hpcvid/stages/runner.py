@@ -12,7 +12,7 @@ from __future__ import annotations
 import traceback
 from typing import Any, Callable, Optional
 
-from hpcvid.config import JobSpec, UserError, error_line, name_source, preflight
+from hpcvid.config import JobSpec, Preempted, UserError, error_line, name_source, preflight
 from hpcvid.dist import Env, destroy_torch_distributed, fail_together, make_comm, start_together
 
 # status(state, fields): told "RUNNING" before the stage starts, "FAILED" (error, trace) when it is refused or fails
@@ -60,6 +60,10 @@ def run_on_ranks(run: Callable[..., Any], spec: Any, env: Env, comm, what: str, 
     try:
         result = run(spec, env, comm)
         destroy_torch_distributed(comm)      # together, before any rank exits
+    except Preempted:                        # every rank saved and stopped together: a clean end, not a failure
+        destroy_torch_distributed(comm)
+        comm.close()
+        raise
     except BaseException as e:
         if status is not None:
             status("FAILED", error=f"{type(e).__name__}: {e}".splitlines()[0], trace=traceback.format_exc(limit=8))

@@ -14,12 +14,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-EXIT_PREEMPTED = 75        # EX_TEMPFAIL: the run stopped to be continued, not because it failed
+from hpcvid.config import Preempted
+
 SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
-
-
-class Preempted(Exception):
-    """The run saved its state and stopped on a preemption signal; running it again resumes."""
 
 
 class PreemptionFlag:

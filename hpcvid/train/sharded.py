@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 
 from hpcvid.io import atomic_write_json
-from hpcvid.train.checkpoint import (FORMAT, FORMAT_VERSION, META, _atomic_save, file_sha256)
+from hpcvid.train.checkpoint import FORMAT, FORMAT_VERSION, META, file_sha256, save_hashed
 
 DCP_DIR = "dcp"
 

@@ -170,6 +170,50 @@ def test_folder_layout_end_to_end_with_minilm(tmp_path, synthetic_videos, run_cl
     assert "verified 3/3 shards" in res.stdout and "INCOMPLETE" not in res.stdout
 
 
+def test_consecutive_layout_clips_continue_each_other(tmp_path, synthetic_videos):
+    """clip.layout consecutive: clips from frame 0, back to back (starts step by T*stride), capped at
+    clips_per_video; the frame after clip i's last (one stride on) is clip i+1's first, in the source's own order."""
+    from hpcvid.data.dataset import ShardDataset
+    from hpcvid.data.video import resize_center_crop
+
+    v = synthetic_videos.videos
+    src = tmp_path / "videos"
+    copy_video(v["a_square"].path, src / "a_square.mp4", v["a_square"].caption)      # 8 fps, 20 frames: stride 1
+    copy_video(v["e_square_big"].path, src / "e_square_big.mp4", v["e_square_big"].caption)   # 24 fps, 30: stride 2
+    out = tmp_path / "out"
+    T = 4
+    result = run_in_process(write_job(tmp_path / "job.yaml", folder_manifest(src), out,
+                                      clip={"num_frames": T, "fps": 12, "clips_per_video": 4, "layout": "consecutive"}))
+    assert result.complete
+    ds = check_dataset(out, total_rows=2)
+    assert ds.identity["spec"]["clip"]["layout"] == "consecutive"
+    by_video = ds.by_video()
+    # a_square: 5 clips would fit (starts 0, 4, .., 16), clips_per_video keeps 4; e_square_big: 0, 8, 16 (24 + 6 > 29)
+    assert {vid: [c["start_frame"] for c in clips] for vid, clips in by_video.items()} == {
+        "a_square": [0, 4, 8, 12], "e_square_big": [0, 8, 16]}
+    for vid, clips in by_video.items():
+        frames = decode_all(src / f"{vid}.mp4")                           # in order, no index used: the truth
+        stride = clips[0]["stride"]
+        assert stride == {"a_square": 1, "e_square_big": 2}[vid] and {c["stride"] for c in clips} == {stride}
+        for c in clips:
+            expect = resize_center_crop(frames[c["start_frame"]:c["start_frame"] + T * stride:stride], (32, 32))
+            got = c["latents"].transpose(1, 2, 3, 0)                      # (T, 32, 32, 3)
+            assert np.abs(got.astype(int) - expect.astype(int)).mean() < 0.5, (vid, c["start_frame"])
+        for first, second in zip(clips, clips[1:]):
+            last_frame = first["start_frame"] + (T - 1) * stride          # source index of clip i's last frame
+            assert second["start_frame"] == last_frame + stride == first["start_frame"] + T * stride
+            step = resize_center_crop(frames[[last_frame, last_frame + stride]], (32, 32))
+            assert np.abs(first["latents"][:, -1].transpose(1, 2, 0).astype(int) - step[0]).mean() < 0.5
+            assert np.abs(second["latents"][:, 0].transpose(1, 2, 0).astype(int) - step[1]).mean() < 0.5
+
+    # the training dataset reads them back as sequences: pairs of consecutive clips of one video
+    with ShardDataset(out, batch_size=1, sequence=2, prefetch=0) as data:
+        assert "3 sequences of 2 clips" in data.describe() and len(data) == 3    # a_square 2 pairs, e_square_big 1
+        pairs = [next(data)["clip_ids"][0] for _ in range(len(data))]
+    assert sorted(pairs) == [["a_square@0", "a_square@4"], ["a_square@8", "a_square@12"],
+                             ["e_square_big@0", "e_square_big@8"]]
+
+
 # ---------------------------------------------------------------------------------------------------- 2. CSV layouts
 
 def test_webvid_csv_layout(tmp_path, synthetic_videos, capsys):

@@ -82,30 +82,62 @@ def test_captions_with_and_without_states_in_one_shard_are_refused(tmp_path):
     assert list(tmp_path.iterdir()) == []                                        # nothing left behind
 
 
+def write_v1(path, bucket: str, fields: dict, pictures: dict) -> None:
+    """A format-1 shard laid out as docs/shard_format.md describes it, written with h5py alone: the per-clip
+    `fields` of one bucket (lists of str become utf-8 strings) and pictures as raw uint8 in extras/<name>."""
+    with h5py.File(path, "w") as f:
+        f.attrs.update({"format": "hpcvid-shard", "format_version": 1, "num_clips": len(fields["latents"])})
+        g = f.create_group(f"clips/{bucket}")
+        for key, values in fields.items():
+            if isinstance(values[0], str):
+                g.create_dataset(key, data=np.array(values, dtype=object).astype(h5py.string_dtype()))
+            else:
+                g.create_dataset(key, data=values)
+        for key, values in pictures.items():
+            g.create_dataset(f"extras/{key}", data=values)
+
+
 def test_format_1_is_still_read(tmp_path):
-    """A shard laid out as docs/shard_format.md describes format 1, written with h5py alone."""
     path = tmp_path / "old.h5"
     n, L, D = 2, 5, 8
     emb = RNG.standard_normal((n, L, D)).astype(np.float16)
     mask = np.array([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]], bool)
     emb[~mask] = 0
-    with h5py.File(path, "w") as f:
-        f.attrs.update({"format": "hpcvid-shard", "format_version": 1, "num_clips": n})
-        g = f.create_group("clips/32x48")
-        g.create_dataset("latents", data=np.arange(n * 6, dtype=np.float16).reshape(n, 6))
-        for key, values in (("clip_id", ["a@0", "b@3"]), ("video_id", ["a", "b"]), ("caption", ["x", "y"])):
-            g.create_dataset(key, data=np.array(values, dtype=object).astype(h5py.string_dtype()))
-        for key, dtype in (("row", np.int64), ("start_frame", np.int64), ("stride", np.int32), ("fps", np.float32)):
-            g.create_dataset(key, data=np.arange(n, dtype=dtype))
-        g.create_dataset("text_emb", data=emb)
-        g.create_dataset("text_mask", data=mask)
-        g.create_dataset("extras/content", data=np.stack([picture(0), picture(1)]))
+    fields = {"latents": np.arange(n * 6, dtype=np.float16).reshape(n, 6), "clip_id": ["a@0", "b@3"],
+              "video_id": ["a", "b"], "caption": ["x", "y"], "text_emb": emb, "text_mask": mask}
+    fields |= {key: np.arange(n, dtype=dtype) for key, dtype in (("row", np.int64), ("start_frame", np.int64),
+                                                                  ("stride", np.int32), ("fps", np.float32))}
+    write_v1(path, "32x48", fields, {"content": np.stack([picture(0), picture(1)])})
     with ShardReader(path) as shard:
         assert shard.version == 1
         clips = list(shard)
+        again = shard.read("32x48", [1, 0, 1])
     assert [c["caption"] for c in clips] == ["x", "y"]
     assert clips[0]["text_states"].shape == (3, D) and clips[1]["text_states"].shape == (2, D)
     assert np.array_equal(clips[1]["content"], picture(1))
+    assert [c["clip_id"] for c in again] == ["b@3", "a@0", "b@3"]
+    assert np.array_equal(again[0]["text_states"], clips[1]["text_states"])
+
+
+def test_read_by_index_gives_what_iteration_gives(tmp_path):
+    """Any order, repeats, a gap: the same dicts as iteration, read without the rest of the bucket."""
+    path = tmp_path / "s.h5"
+    write_v2(path, captions=("a cat", "a dog", "a cat", "a bird", "a dog"))
+    with ShardReader(path) as shard:
+        every = list(shard)
+        picked = shard.read("32x48", [4, 0, 2, 4])
+        assert shard.read("32x48", []) == []
+        assert shard.ids("32x48", ("video_id", "start_frame"))["video_id"].tolist() == [f"v{i}" for i in range(5)]
+        with pytest.raises(IndexError, match=r"\[0, 5\)"):
+            shard.read("32x48", [5])
+        with pytest.raises(ShardFormatError, match="no such bucket"):
+            shard.read("64x64", [0])
+    for got, i in zip(picked, [4, 0, 2, 4]):
+        want = every[i]
+        assert set(got) == set(want)
+        for key, value in want.items():
+            assert np.array_equal(got[key], value) if isinstance(value, np.ndarray) else got[key] == value, key
+    assert picked[0] is not picked[3]                                             # a repeat is its own dict
 
 
 @pytest.mark.parametrize("damage", ["offsets", "text_index", "picture_bytes", "num_clips", "format"])

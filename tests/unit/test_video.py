@@ -134,10 +134,37 @@ def test_clip_starts_cases():
 
 
 def test_clip_starts_too_short():
-    with pytest.raises(VideoError) as info:
-        clip_starts(10, 16, 2)
-    assert info.value.reason == "too_short"
-    assert "10" in str(info.value) and "16" in str(info.value)
+    for layout in ("spread", "consecutive"):
+        with pytest.raises(VideoError) as info:
+            clip_starts(10, 16, 2, layout)
+        assert info.value.reason == "too_short"
+        assert "10" in str(info.value) and "16" in str(info.value)
+
+
+@pytest.mark.parametrize("total,num_frames,stride,clips,starts", [
+    (16, 16, 1, 4, [0]),                  # exactly one clip fits
+    (31, 16, 1, 4, [0]),                  # the second would need frames 16..31
+    (32, 16, 1, 4, [0, 16]),
+    (100, 8, 1, 3, [0, 8, 16]),           # capped at clips_per_video, from frame 0 (no centring)
+    (100, 8, 3, 10, [0, 24, 48, 72]),     # stride 3: a clip covers frames s, s+3, .., s+21; the next starts at s+24
+    (71, 8, 3, 10, [0, 24, 48]),          # the third clip's last frame is 69 < 71
+    (69, 8, 3, 10, [0, 24]),              # ... and 69 is one frame too many
+    (7, 1, 2, 5, [0, 2, 4, 6]),           # one-frame clips: every stride-th frame
+])
+def test_clip_starts_consecutive(total, num_frames, stride, clips, starts):
+    span = clip_span(num_frames, stride)
+    got = clip_starts(total, span, clips, "consecutive", stride)
+    assert got == starts
+    assert all(b - a == num_frames * stride for a, b in zip(got, got[1:]))   # clip i+1 continues clip i
+    assert got[-1] + span <= total
+
+
+def test_clip_starts_spread_ignores_stride_and_refuses_unknown_layouts():
+    assert clip_starts(100, 46, 3, "spread", stride=5) == clip_starts(100, 46, 3) == [0, 27, 54]
+    with pytest.raises(ValueError, match="layout"):
+        clip_starts(100, 16, 2, "random")
+    with pytest.raises(ValueError, match="stride"):
+        clip_starts(100, 16, 2, "consecutive", stride=0)
 
 
 # ---------------------------------------------------------------- buckets and resizing
