@@ -1,6 +1,7 @@
 # Two entry points that each do all set-up on a fresh machine:
 #   make quickstart   venv + install, sample data -> pixel shards; train a tiny Reducio-VAE on 2 ranks, evaluate it,
-#                     and prep Reducio latent shards with it (a few minutes on 2 cores)
+#                     prep Reducio latent shards with it, train the tiny keyframe and motion DiTs on 2 ranks (FSDP2)
+#                     and sample a clip from a prompt (about 6 minutes on 2 cores)
 #   make test         venv + install, sample videos, the test suite
 # "venv + install" builds .venv/ from the lock requirements/lock-cpu-py311.txt alone (exact versions and hashes), so
 # every install is the same; a change to the lock or to setup.py rebuilds .venv/ from scratch.
@@ -16,6 +17,7 @@ LOCK_IN := requirements/cpu-py311.in
 LOCK_VENV  ?= .venv-lock
 LOCK_TOOLS := pip==26.3 pip-tools==7.6.2
 QUICKSTART_AE_STEPS ?= 100
+QUICKSTART_DIT_STEPS ?= 200
 export OMP_NUM_THREADS ?= 1
 
 # The lock holds cp311 wheels: fail with one line on another Python rather than deep inside pip.
@@ -45,6 +47,9 @@ quickstart: $(STAMP)
 	$(BIN)/hpcvid eval-ae jobs/tiny_reducio.yaml
 	$(BIN)/hpcvid prep jobs/quickstart_reducio_prep.yaml
 	$(BIN)/hpcvid inspect data/quickstart/latents-reducio
+	$(BIN)/mpiexec -n 2 $(BIN)/hpcvid train jobs/tiny_keyframe.yaml --set train.steps=$(QUICKSTART_DIT_STEPS)
+	$(BIN)/mpiexec -n 2 $(BIN)/hpcvid train jobs/tiny_motion.yaml --set train.steps=$(QUICKSTART_DIT_STEPS)
+	$(BIN)/hpcvid sample jobs/tiny_sample.yaml          # its prompt; any other: --prompt "..."
 
 test: $(STAMP)
 	$(BIN)/python -m data_prep.fetch_samples
@@ -74,4 +79,4 @@ lock-upgrade:
 	$(call compile_lock,--upgrade)
 
 clean-quickstart:
-	rm -rf data/quickstart runs/tiny_reducio runs/tiny_cmd
+	rm -rf data/quickstart runs/tiny_reducio runs/tiny_cmd runs/tiny_keyframe runs/tiny_motion runs/tiny_sample

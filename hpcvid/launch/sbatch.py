@@ -46,15 +46,29 @@ def render_stage(pipeline: str, source: str, stage: PlannedStage, job_file: str,
         lines.append(f"#SBATCH --output=hpcvid-{stage.name}-%A_%a.out")
     else:
         lines.append(f"#SBATCH --output=hpcvid-{stage.name}-%j.out")
-    if get_stage(stage.stage).trains:
+    trains = get_stage(stage.stage).trains
+    if trains:
         lines.append("#SBATCH --requeue")      # preempted: back in the queue; the stage resumes by itself
+        # warn the batch script (B:) before the time limit; it passes the signal to the ranks (below)
+        lines.append(f"#SBATCH --signal=B:USR2@{r.signal_delay_s}")
     for key, value in sorted(r.sbatch_extra.items()):
         lines.append(f"#SBATCH --{key}" + (f"={shlex.quote(value)}" if value != "" else ""))
     command = ["hpcvid", get_stage(stage.stage).command, job_file] + [a for item in overrides for a in ("--set", item)]
+    srun = f"srun --mpi={r.mpi} " + " ".join(shlex.quote(a) for a in command)
+    lines += ["set -euo pipefail", 'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"']
+    if not trains:
+        lines += [srun, ""]
+        return _script_text(lines, f"stage {stage.name}")
     lines += [
-        "set -euo pipefail",
-        'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"',
-        f"srun --mpi={r.mpi} " + " ".join(shlex.quote(a) for a in command),
+        "# A training stage saves and exits 75 on USR2 (hpcvid.train.preempt); the job then goes back in the queue.",
+        f"{srun} &",
+        "step=$!",
+        "trap 'kill -USR2 \"$step\" 2>/dev/null || true' USR2",
+        "status=0",
+        'wait "$step" || status=$?',
+        'while kill -0 "$step" 2>/dev/null; do wait "$step" || status=$?; done   # a trap ends the first wait early',
+        'if [ "$status" -eq 75 ]; then scontrol requeue "$SLURM_JOB_ID"; exit 0; fi',
+        'exit "$status"',
         "",
     ]
     return _script_text(lines, f"stage {stage.name}")

@@ -15,3 +15,12 @@ echo "eval_ae: job $eval_ae"
 prep_latents=$(sbatch --parsable --dependency=afterok:${train_ae} "$here/prep_latents.sbatch")
 prep_latents=${prep_latents%%;*}
 echo "prep_latents: job $prep_latents"
+train_keyframe=$(sbatch --parsable --dependency=afterok:${prep_latents} "$here/train_keyframe.sbatch")
+train_keyframe=${train_keyframe%%;*}
+echo "train_keyframe: job $train_keyframe"
+train_motion=$(sbatch --parsable --dependency=afterok:${prep_latents} "$here/train_motion.sbatch")
+train_motion=${train_motion%%;*}
+echo "train_motion: job $train_motion"
+sample=$(sbatch --parsable --dependency=afterok:${train_keyframe}:${train_motion} "$here/sample.sbatch")
+sample=${sample%%;*}
+echo "sample: job $sample"

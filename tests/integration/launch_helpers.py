@@ -49,7 +49,7 @@ def copy_videos(src: Path, dst: Path) -> Path:
 
 def quickstart_overrides(tmp_path: Path, videos: Path) -> list[str]:
     """Run the shipped jobs/pipeline_quickstart.yaml (every stage) on `videos`, writing under tmp_path, with a
-    4-step training budget so the test stays short."""
+    4-step training budget (2 for the DiTs) so the test stays short."""
     ae = tmp_path / "ae"
     sets = {
         "prep": [f"prep.manifest.path={videos}", f"prep.output={tmp_path / 'latents'}", "prep.progress=false"],
@@ -58,6 +58,11 @@ def quickstart_overrides(tmp_path: Path, videos: Path) -> list[str]:
         "eval_ae": [f"eval_ae.data.manifest.path={videos}", f"eval_ae.checkpoint={ae}", f"eval_ae.output={ae / 'eval'}"],
         "prep_latents": [f"prep.manifest.path={videos}", f"prep.encoder.checkpoint={ae}",
                          f"prep.output={tmp_path / 'latents-reducio'}", "prep.progress=false"],
+        **{f"train_{kind}": [f"train.data.shards={tmp_path / 'latents-reducio'}", f"train.output={tmp_path / kind}",
+                             "train.steps=2", "train.checkpoint_every=2", "train.log_every=1", "train.batch_size=1",
+                             "train.progress=false"] for kind in ("keyframe", "motion")},
+        "sample": [f"sample.keyframe={tmp_path / 'keyframe'}", f"sample.motion={tmp_path / 'motion'}",
+                   f"sample.autoencoder={ae}", f"sample.output={tmp_path / 'sample'}", "sample.steps=1"],
     }
     args = ["--set", f"pipeline.run_dir={tmp_path / 'runs'}"]
     for stage, items in sets.items():
@@ -73,3 +78,7 @@ def check_quickstart_outputs(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "latents-reducio" / "dataset.json").read_text())["encoder"]["kind"] == "reducio"
     report = json.loads((tmp_path / "ae" / "eval" / "report.json").read_text())
     assert report and (tmp_path / "ae" / "eval" / "contact_sheet.png").stat().st_size > 1000
+    for kind in ("keyframe", "motion"):
+        report = json.loads((tmp_path / kind / "train_report.json").read_text())
+        assert report["steps"] == 2 and report["world_size"] == 2 and report["kind"] == kind
+    assert json.loads((tmp_path / "sample" / "sample.json").read_text())["frames"] == 32

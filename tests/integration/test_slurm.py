@@ -147,6 +147,6 @@ def test_shipped_quickstart_pipeline_on_slurm(tmp_path, quickstart_videos, run_c
                    *quickstart_overrides(tmp_path, quickstart_videos)], timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     rows = status_rows(run_cli, run_dir_of(out.stdout))
-    assert set(rows) == {"prep", "train_ae", "eval_ae", "prep_latents"}
+    assert set(rows) == {"prep", "train_ae", "eval_ae", "prep_latents", "train_keyframe", "train_motion", "sample"}
     assert all(r["state"] == "COMPLETED" for r in rows.values()), rows
     check_quickstart_outputs(tmp_path)
