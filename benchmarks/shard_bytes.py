@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from data_prep.quickstart_data import build as build_quickstart  # noqa: E402
 from hpcvid.data.shard_file import STR, ClipRecord, ShardWriter, field_bytes  # noqa: E402
-from hpcvid.data.video import choose_bucket, read_clips  # noqa: E402
+from hpcvid.data.video import read_clips  # noqa: E402
 
 FRAMES = 16
 SETTINGS = {   # name: (size, latent shape, text dim, max tokens)

@@ -22,7 +22,6 @@ TrainingLog), loss_curves.png, samples.png (keyframe models) and train_report.js
 from __future__ import annotations
 
 import math
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,8 +41,8 @@ from hpcvid.models.dit import DIT_PRESETS, DiT, MotionCond
 from hpcvid.parallel.fsdp import parallelize
 from hpcvid.train import checkpoint as ck
 from hpcvid.train.ema import EMA
-from hpcvid.train.metrics import TrainingLog, read_jsonl, strict_record
-from hpcvid.train.preempt import PreemptionFlag
+from hpcvid.train.loop import TrainLoop
+from hpcvid.train.metrics import TrainingLog, read_jsonl
 from hpcvid.train.runtime import config_with, cpu_threads, matmul_tflops, pick_device, step_seed, warmup_cosine
 from hpcvid.train.sharded import load_sharded, save_sharded
 
@@ -303,85 +302,28 @@ def _run(spec: TrainSpec, env: Env, comm: Comm, device: torch.device) -> TrainRe
         print("hpcvid train: no GPU visible: training on the CPU in fp32", file=sys.stderr, flush=True)
     peak = spec.peak_tflops or matmul_tflops(device, torch.bfloat16 if trainer.bf16 else torch.float32)
     log = TrainingLog(out, resume_step=start_step if meta else None, enabled=env.is_main)
-    bar = None
-    if env.is_main and spec.progress:
-        from tqdm import tqdm
+    sample_every = spec.sample_every
 
-        bar = tqdm(total=spec.steps, initial=start_step, unit="step", desc=f"train {spec.model.kind}",
-                   dynamic_ncols=True, mininterval=1.0)
-    interval: list[tuple[dict[str, float], bool, float, int]] = []   # (terms, skipped, seconds, tokens) since a log
-    times, last, streak, skipped_total, tokens_step = [], None, 0, 0, 0
+    def after_step(done: int) -> None:
+        if sample_every and done % sample_every == 0 and done < spec.steps:
+            _samples(trainer, out, done)
+
+    loop = TrainLoop(name="train", section="train", steps=spec.steps, log_every=spec.log_every,
+                     checkpoint_every=spec.checkpoint_every, max_nonfinite_steps=spec.max_nonfinite_steps, env=env,
+                     comm=comm, device=device, log=log, progress=spec.progress,
+                     flops_per_token=6 * trainer.n_params, peak_tflops=peak, after_step=after_step)
     batches = iter(trainer.data)
-
-    def log_interval(done: int) -> dict[str, Any]:
-        applied = [t for t, skipped, _, _ in interval if not skipped] or [t for t, _, _, _ in interval]
-        keys = sorted(set().union(*applied))
-        sums = np.array([[sum(t.get(k, 0.0) for t in applied) / len(applied) for k in keys]
-                         + [sum(s for _, _, s, _ in interval), sum(n for _, _, _, n in interval)]], np.float64)
-        total = comm.all_reduce(sums, op="sum")[0]
-        seconds = total[-2] / env.world_size                              # mean over the ranks
-        record = {"step": done, **{k: round(float(v) / env.world_size, 6) for k, v in zip(keys, total[:-2])},
-                  "skipped": sum(1 for _, s, _, _ in interval if s),
-                  "sec_per_step": round(seconds / len(interval), 4),
-                  "tokens_per_s": round(float(total[-1]) / max(seconds, 1e-9), 1),
-                  "mfu": round(6 * trainer.n_params * float(total[-1]) / max(seconds, 1e-9) / env.world_size
-                               / (peak * 1e12), 5),
-                  "time": round(time.time() - start, 2)}
-        record = strict_record(record)
-        log.write(record)
-        if bar is not None and record.get("loss") is not None:
-            bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
-        interval.clear()
-        return record
-
     try:
-        with PreemptionFlag() as flag:
-            for step in range(start_step, spec.steps):
-                t = time.perf_counter()
-                terms, skipped, tokens = trainer.step(step, batches)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                seconds = time.perf_counter() - t
-                times.append(seconds)
-                tokens_step = tokens
-                interval.append((terms, skipped, seconds, tokens))
-                streak = streak + 1 if skipped else 0
-                skipped_total += skipped
-                done = step + 1
-                if streak == 1:
-                    trainer.warn(f"step {done} skipped (no update): a non-finite loss or gradient norm "
-                                 f"(rank 0: loss {terms['loss']:.4g}, gradient norm {terms['grad_norm']:.4g}); "
-                                 f"{spec.max_nonfinite_steps} in a row stop the run")
-                stop = streak >= spec.max_nonfinite_steps
-                if done % spec.log_every == 0 or done == spec.steps or stop:
-                    last = log_interval(done)
-                if bar is not None:
-                    bar.update(1)
-                if stop:
-                    raise RunStopped(f"diverged: {streak} steps in a row had a non-finite loss or gradient norm "
-                                     f"(train.max_nonfinite_steps {spec.max_nonfinite_steps}); they were skipped and "
-                                     f"not saved; newest good checkpoint: {folder or 'none'}; lower train.lr "
-                                     f"(now {spec.lr:g})")
-                preempted = flag.anywhere(comm)
-                if streak == 0 and (done % spec.checkpoint_every == 0 or done == spec.steps or preempted):
-                    folder = trainer.save(done, {"metrics": last})
-                if spec.sample_every and done % spec.sample_every == 0 and done < spec.steps:
-                    _samples(trainer, out, done)
-                if preempted and done < spec.steps:     # a signal during the last step: the run is complete
-                    if interval:
-                        log_interval(done)
-                    flag.hand_on()                  # submitit requeues and exits; otherwise raises Preempted
+        outcome = loop.run(start_step, lambda step: trainer.step(step, batches), trainer.save, folder, spec.lr)
     finally:
         trainer.data.close()
-        log.close()
-        if bar is not None:
-            bar.close()
+    last, folder = outcome.last, outcome.folder
     seconds = time.time() - start
     pictures = _samples(trainer, out, spec.steps)
-    tokens_all = int(comm.all_reduce(np.array([tokens_step], np.int64), op="sum")[0])
+    tokens_all = int(comm.all_reduce(np.array([outcome.tokens_per_step], np.int64), op="sum")[0])
     result = TrainResult(
         str(out), spec.model.kind, spec.model.preset, env.world_size, start_step, spec.steps, round(seconds, 2),
-        round(statistics.median(times), 4) if times else None, last.get("loss") if last else None, skipped_total,
+        loop.median_step(outcome), last.get("loss") if last else None, outcome.skipped,
         str(folder or ""), tokens_all, last.get("mfu") if last else None,
         extra={"peak_tflops": round(peak, 4), "peak_source": "train.peak_tflops" if spec.peak_tflops else
                "a measured matmul on this device", "samples": pictures, "data": trainer.data.describe(),

@@ -45,7 +45,8 @@ from hpcvid.train.autoencoder import (build_model, check_clip_size, config_to_di
                                       model_config, reconstruct, train_pass)
 from hpcvid.parallel.fsdp import parallelize
 from hpcvid.train.losses import PatchDiscriminator3d, adaptive_gan_weight, hinge_d_loss, ssim_loss
-from hpcvid.train.metrics import TrainingLog, from_uint8, psnr, read_jsonl, ssim, strict_record, to_uint8
+from hpcvid.train.loop import TrainLoop
+from hpcvid.train.metrics import TrainingLog, from_uint8, psnr, read_jsonl, ssim, to_uint8
 from hpcvid.train.pictures import curves_png
 
 
@@ -442,73 +443,17 @@ def _run(spec: TrainAESpec, env: Env, comm: Comm, device: torch.device) -> Train
     probe_start = meta.get("probe_start") if meta else trainer.probe(probe_frames)
 
     log = TrainingLog(out, resume_step=start_step if meta else None, enabled=env.is_main)
-    bar = None
-    if env.is_main and spec.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=spec.steps, initial=start_step, unit="step", desc=f"train-ae {trainer.kind}",
-                   dynamic_ncols=True, mininterval=1.0)
-    interval: list[tuple[dict[str, float], bool]] = []      # (terms, skipped) of the steps since the last log line
-    times, last = [], None
-    streak, skipped_total = 0, 0                              # non-finite steps in a row / in this run
     extra = {"probe_start": probe_start, "data": {"clips": total_clips, "clip": [trainer.T, trainer.H, trainer.W]}}
 
-    def log_interval(done: int, step: int) -> dict[str, Any]:
-        """Means over the interval's applied steps (over its skipped ones when none was applied, which shows their
-        NaN/inf as null) and the ranks; "skipped" counts the interval's skipped steps."""
-        applied = [t for t, skipped in interval if not skipped]
-        use = applied or [t for t, _ in interval]
-        keys = sorted(set().union(*use))
-        mean = torch.tensor([sum(t.get(k, 0.0) for t in use) / len(use) for k in keys], dtype=torch.float64)
-        mean = all_reduce_sum(mean, device)
-        record = strict_record({
-            "step": done, **{k: round(v / env.world_size, 6) for k, v in zip(keys, mean.tolist())},
-            "skipped": len(interval) - len(applied), "lr": trainer.lr_at(step),
-            "sec_per_step": round(statistics.mean(times[-len(interval):]), 4), "time": round(time.time() - start, 2)})
-        log.write(record)
-        if bar is not None and record.get("loss") is not None:
-            bar.set_postfix(loss=f"{record['loss']:.4f}", psnr=f"{record['psnr']:.2f}", refresh=False)
-        interval.clear()
-        return record
+    def step_fn(step: int) -> tuple[dict[str, float], bool, int]:
+        terms, skipped = trainer.step(step, clips.frames)
+        return {**terms, "lr": trainer.lr_at(step)}, skipped, 0
 
-    try:
-        for step in range(start_step, spec.steps):
-            t = time.perf_counter()
-            terms, skipped = trainer.step(step, clips.frames)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t)
-            interval.append((terms, skipped))
-            streak = streak + 1 if skipped else 0
-            skipped_total += skipped
-            done = step + 1
-            if streak == 1:
-                trainer.warn(f"step {done} skipped (no update): a non-finite loss or gradient norm on some rank "
-                             f"(rank 0: loss {terms['loss']:.4g}, gradient norm {terms['grad_norm']:.4g}); "
-                             f"{spec.max_nonfinite_steps} in a row stop the run")
-            stop = streak >= spec.max_nonfinite_steps
-            if done % spec.log_every == 0 or done == spec.steps or stop:
-                last = log_interval(done, step)
-            if bar is not None:
-                bar.update(1)
-            if stop:
-                raise RunStopped(
-                    f"diverged: {streak} steps in a row ({done - streak + 1}..{done}) had a non-finite loss "
-                    f"or gradient norm (last: loss {terms['loss']:.4g}, gradient norm {terms['grad_norm']:.4g}; "
-                    f"train_ae.max_nonfinite_steps {spec.max_nonfinite_steps}); they were skipped and not saved; "
-                    f"newest good checkpoint: {folder or 'none'}; lower train_ae.lr (now {spec.lr:g}) or add "
-                    f"warmup_steps/grad_clip, then rerun")
-            if (done % spec.checkpoint_every == 0 or done == spec.steps) and not streak:
-                folder = trainer.save(done, {**extra, "metrics": last})
-        if streak:          # the weights the run ends with gave non-finite values on its last batches
-            raise RunStopped(
-                f"the run reached step {spec.steps} with its last {streak} step(s) non-finite (skipped); "
-                f"the final state was not saved; newest good checkpoint: {folder or 'none'}; rerun with a higher "
-                f"train_ae.steps to get past them, or lower train_ae.lr (now {spec.lr:g})")
-    finally:
-        log.close()
-        if bar is not None:
-            bar.close()
+    loop = TrainLoop(name="train-ae", section="train_ae", steps=spec.steps, log_every=spec.log_every,
+                     checkpoint_every=spec.checkpoint_every, max_nonfinite_steps=spec.max_nonfinite_steps, env=env,
+                     comm=comm, device=device, log=log, progress=spec.progress, postfix=("loss", "psnr"))
+    outcome = loop.run(start_step, step_fn, trainer.save, folder, spec.lr, extra)
+    last, folder, times, skipped_total = outcome.last, outcome.folder, outcome.times, outcome.skipped
     probe_end = trainer.probe(probe_frames)
     seconds = time.time() - start
     probe = {"clips": probe_end["clips"], "start": probe_start, "end": probe_end}

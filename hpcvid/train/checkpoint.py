@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
+from torch import nn
 
 from hpcvid.config import UserError
 from hpcvid.io import atomic_write_json, atomic_write_with, read_json

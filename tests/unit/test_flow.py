@@ -265,7 +265,6 @@ def test_literal_formula_on_touching_windows_misses_the_marginal():
     """Why the default windows are not touching thirds: with e_2 = s_1 = 1/3 the paper's coefficients give mean
     s(1 + s)/2 U instead of s U, variance (1 - s)^2 (3 + (1 + s)^2) / 4 instead of (1 - s)^2, and covariance
     (1 - s)^2 ((1 + s)^2 - 1) / 4 instead of 0 inside each 2x2 block."""
-    flow = make_flow("pyramidal")
     N, s = 4000, 1 / 3
     x1 = 2 * torch.randn(1, 1, 1, 8, 8, generator=gen(20), dtype=torch.float64)
     noise = torch.randn(N, 1, 1, 8, 8, generator=gen(21), dtype=torch.float64)
