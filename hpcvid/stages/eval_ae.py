@@ -22,7 +22,8 @@ import torch
 from hpcvid.config import EvalAESpec, UserError, to_dict
 from hpcvid.io import atomic_write_json
 from hpcvid.dist import Comm, Env, make_comm
-from hpcvid.stages.train_ae import cpu_threads, load_clips, pick_device
+from hpcvid.data.clips import load_clips
+from hpcvid.train.runtime import cpu_threads, pick_device
 from hpcvid.train.autoencoder import check_clip_size, compression, load_autoencoder, reconstruct
 from hpcvid.train.metrics import from_uint8, psnr, ssim, temporal_error, to_uint8
 from hpcvid.train.pictures import contact_sheet, write_png

@@ -20,26 +20,21 @@ never writes a checkpoint that would push the good ones out.
 """
 from __future__ import annotations
 
-import fnmatch
-import json
 import math
 import statistics
 import time
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 
 import hpcvid
-from hpcvid.config import AEDataSpec, RunStopped, TrainAESpec, UserError, to_dict
-from hpcvid.data import manifest as mf
-from hpcvid.data import shards as sh
-from hpcvid.data.video import VideoError, read_clips
-from hpcvid.dist import Comm, Env, destroy_torch_distributed, init_torch_distributed, make_comm, rank_cores
-from hpcvid.io import atomic_write_json, read_json
+from hpcvid.config import RunStopped, TrainAESpec, UserError, to_dict
+from hpcvid.data.clips import ClipSet, load_clips
+from hpcvid.dist import Comm, Env, destroy_torch_distributed, init_torch_distributed, make_comm
+from hpcvid.io import atomic_write_json
 from hpcvid.train import checkpoint as ck
 from hpcvid.train.autoencoder import (build_model, check_clip_size, config_to_dict, count_parameters, last_layer,
                                       model_config, reconstruct, train_pass)
@@ -48,6 +43,7 @@ from hpcvid.train.losses import PatchDiscriminator3d, adaptive_gan_weight, hinge
 from hpcvid.train.loop import TrainLoop
 from hpcvid.train.metrics import TrainingLog, from_uint8, psnr, read_jsonl, ssim, to_uint8
 from hpcvid.train.pictures import curves_png
+from hpcvid.train.runtime import cpu_threads, pick_device, step_seed
 
 
 @dataclass
@@ -69,119 +65,13 @@ class TrainAEResult:
     skipped_steps: int = 0                 # steps skipped for a non-finite loss or gradient norm (no update)
 
 
-# ---------------------------------------------------------------------------------------------------- data
-
-@dataclass
-class ClipSet:
-    """Decoded clips of one rank: uint8 frames (N, T, H, W, 3) with their ids and global order keys."""
-    frames: torch.Tensor
-    ids: list[str]
-    order: list[tuple[int, int]]            # (position among the selected videos or clips, start frame)
-    videos: int                             # videos that gave at least one clip
-    problems: dict[str, int] = field(default_factory=dict)   # reason -> rows (or clips) that gave none
-
-
-def _selected(video_id: str, data: AEDataSpec) -> bool:
-    if data.include is not None and not any(fnmatch.fnmatchcase(video_id, p) for p in data.include):
-        return False
-    return not (data.exclude and any(fnmatch.fnmatchcase(video_id, p) for p in data.exclude))
-
-
-def load_clips(data: AEDataSpec, rank: int, world: int) -> ClipSet:
-    """This rank's clips (of the selected videos, rank::world), each resized and centre-cropped to data.resolution.
-
-    data.max_clips: shards keep exactly the first N clips; manifests stop each rank after ceil(N / world) clips.
-    Unusable videos are counted by reason, never raised."""
-    if data.source == "shards":
-        return _clips_from_shards(data, rank, world, data.max_clips)
-    return _clips_from_manifest(data, rank, world, None if data.max_clips is None else -(-data.max_clips // world))
-
-
-def _clips_from_manifest(data: AEDataSpec, rank: int, world: int, limit: Optional[int]) -> ClipSet:
-    rows = [r for r in mf.iter_manifest(data.manifest) if _selected(r.video_id, data)]
-    frames, ids, order, problems, videos = [], [], [], {}, 0
-    T, res = data.clip.num_frames, tuple(data.resolution)
-    for pos in range(rank, len(rows), world):
-        if limit is not None and len(frames) >= limit:
-            break
-        row = rows[pos]
-        path, problem = mf.check_row(row, data.manifest)
-        if problem is not None:
-            problems[problem.reason] = problems.get(problem.reason, 0) + 1
-            continue
-        try:
-            _, clips = read_clips(path, T, data.clip.fps, data.clip.clips_per_video, [res], backend=data.decode_backend)
-        except VideoError as e:
-            problems[e.reason] = problems.get(e.reason, 0) + 1
-            continue
-        videos += 1
-        for clip in clips[:None if limit is None else limit - len(frames)]:
-            frames.append(torch.from_numpy(clip.frames))                       # (T, H, W, 3)
-            ids.append(sh.clip_id(row.video_id, clip.start))
-            order.append((pos, clip.start))
-    stacked = torch.stack(frames) if frames else torch.empty((0, T, *res, 3), dtype=torch.uint8)
-    return ClipSet(stacked, ids, order, videos, problems)
-
-
-def _clips_from_shards(data: AEDataSpec, rank: int, world: int, limit: Optional[int]) -> ClipSet:
-    folder = Path(data.shards)
-    index = read_json(folder / "index.json")
-    if index is None:
-        raise UserError(f"{folder}: data.shards: no index.json (not a prep dataset, or prep has not finished)")
-    if index["encoder"]["kind"] != "pixels" or index["encoder"].get("downsample", 1) != 1:
-        raise UserError(f"{folder}: data.shards: autoencoders train on pixels; this dataset holds "
-                        f"{json.dumps(index['encoder'])} latents (write one with prep encoder kind 'pixels', "
-                        f"downsample 1)")
-    want = [3, data.clip.num_frames, *data.resolution]
-    frames, ids, order, shapes, videos = [], [], [], {}, set()
-    position = -1
-    for clip in sh.iter_clips(folder):
-        shape = list(clip["latents"].shape)
-        if shape != want or not _selected(clip["video_id"], data):
-            key = "other_shape" if shape != want else "not_selected"
-            shapes[key] = shapes.get(key, 0) + 1
-            continue
-        position += 1
-        if limit is not None and position >= limit:
-            break
-        if position % world != rank:
-            continue
-        frames.append(torch.from_numpy(np.ascontiguousarray(clip["latents"])).permute(1, 2, 3, 0))   # (T, H, W, 3)
-        ids.append(clip["clip_id"])
-        order.append((position, int(clip["start_frame"])))
-        videos.add(clip["video_id"])
-    if position < 0:
-        buckets = ", ".join(f"{k}: {v}" for k, v in index.get("latent", {}).get("shapes", {}).items())
-        raise UserError(f"{folder}: data.shards: no clip of shape {want} (3 x clip.num_frames x resolution) among "
-                        f"the selected videos; the dataset holds {buckets or 'no clips'}")
-    stacked = torch.stack(frames) if frames else torch.empty((0, *want[1:], 3), dtype=torch.uint8)
-    return ClipSet(stacked, ids, order, len(videos), {k: v for k, v in shapes.items()})
-
-
 # ---------------------------------------------------------------------------------------------------- set-up
-
-def pick_device(choice: str, env: Env) -> torch.device:
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise UserError("device: 'cuda' asked for, but torch sees no GPU (use device: auto or cpu)")
-        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
-def cpu_threads(env: Env, asked: Optional[int]) -> int:
-    return asked or rank_cores(env)
-
 
 def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Sum a small CPU tensor over the ranks (NCCL reduces only GPU tensors); returns it on the CPU."""
     t = t.to(device)
     torch.distributed.all_reduce(t)
     return t.cpu()
-
-
-def _seed(seed: int, step: int, rank: int) -> int:
-    """One generator seed per (run seed, step, rank): what makes resumed runs draw what uninterrupted ones did."""
-    return ((seed * 1_000_003 + step) * 10_007 + rank) % (2 ** 63)
 
 
 class _Trainer:
@@ -340,7 +230,7 @@ class _Trainer:
         discriminator's, is NaN or inf on any rank: the decision rests on one all-reduced flag, so the ranks never
         diverge (a DDP/FSDP2 rank that stepped while another skipped would desynchronise them)."""
         spec, loss_spec = self.spec, self.spec.loss
-        seed = _seed(spec.seed, step, self.env.rank)
+        seed = step_seed(spec.seed, step, self.env.rank)
         idx = torch.randint(len(frames), (spec.batch_size,), generator=torch.Generator().manual_seed(seed))
         x = from_uint8(frames[idx]).to(self.device, non_blocking=True)      # (B, 3, T, H, W) in [-1, 1]
         noise = torch.Generator(device=self.device).manual_seed(seed + 1)

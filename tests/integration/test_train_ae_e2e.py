@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))   # prep_helpers, also 
 from hpcvid.config import JobSpec, UserError, load_job, parse_spec
 from hpcvid.data.video import read_clips
 from hpcvid.dist import Env
+from hpcvid.data.clips import load_clips
 from hpcvid.stages import eval_ae, train_ae
 from hpcvid.stages.encoders import file_digest
 from hpcvid.train import checkpoint as ck
@@ -222,7 +223,7 @@ def test_learning_tiny_reducio_beats_the_repeated_centre_frame(tmp_path, synthet
                             data={"clip": {"clips_per_video": 3}}, loss={"l1": 0.2, "mse": 1.0})
     result = run_train(section, tmp_path)
     start, end = result.probe["start"], result.probe["end"]
-    clips = train_ae.load_clips(load_job(write(tmp_path / "j.yaml", train_ae=section)).train_ae.data, 0, 1)
+    clips = load_clips(load_job(write(tmp_path / "j.yaml", train_ae=section)).train_ae.data, 0, 1)
     x = from_uint8(clips.frames[:8])
     baseline = psnr(x[:, :, (x.shape[2] - 1) // 2, None].expand_as(x), x).mean().item()
     print(f"learning: probe PSNR {start['psnr']:.2f} -> {end['psnr']:.2f} dB, centre-frame baseline {baseline:.2f} dB "
