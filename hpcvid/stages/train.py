@@ -34,7 +34,7 @@ import torch
 import hpcvid
 from hpcvid.config import RunStopped, TrainSpec, UserError, to_dict
 from hpcvid.data.dataset import ShardDataset
-from hpcvid.dist import Comm, Env, destroy_torch_distributed, init_torch_distributed, make_comm
+from hpcvid.dist import Comm, Env, make_comm
 from hpcvid.flow import combine_guidance, make_flow, sample, text_dropout_mask
 from hpcvid.io import atomic_write_json, read_json
 from hpcvid.models.dit import DIT_PRESETS, DiT, MotionCond
@@ -43,7 +43,7 @@ from hpcvid.train import checkpoint as ck
 from hpcvid.train.ema import EMA
 from hpcvid.train.loop import TrainLoop
 from hpcvid.train.metrics import TrainingLog, read_jsonl
-from hpcvid.train.runtime import config_with, cpu_threads, matmul_tflops, pick_device, step_seed, warmup_cosine
+from hpcvid.train.runtime import config_with, matmul_tflops, step_seed, training_process, warmup_cosine
 from hpcvid.train.sharded import load_sharded, save_sharded
 
 
@@ -278,18 +278,8 @@ class _Trainer:
 
 def run(spec: TrainSpec, env: Env, comm: Optional[Comm] = None) -> TrainResult:
     comm = comm or make_comm(env)
-    device = pick_device(spec.device, env)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    else:
-        torch.set_num_threads(cpu_threads(env, spec.torch_threads))
-    owns_group = not torch.distributed.is_initialized()
-    init_torch_distributed(env, comm, backend="nccl" if device.type == "cuda" else "gloo")
-    try:
+    with training_process("train", env, comm, spec.device, spec.torch_threads) as device:
         return _run(spec, env, comm, device)
-    finally:
-        if owns_group:
-            destroy_torch_distributed(comm)
 
 
 def _run(spec: TrainSpec, env: Env, comm: Comm, device: torch.device) -> TrainResult:
@@ -298,8 +288,6 @@ def _run(spec: TrainSpec, env: Env, comm: Comm, device: torch.device) -> TrainRe
     out.mkdir(parents=True, exist_ok=True)
     trainer = _Trainer(spec, env, comm, device)
     start_step, meta, folder = trainer.resume()
-    if env.is_main and device.type == "cpu" and spec.device == "auto":
-        print("hpcvid train: no GPU visible: training on the CPU in fp32", file=sys.stderr, flush=True)
     peak = spec.peak_tflops or matmul_tflops(device, torch.bfloat16 if trainer.bf16 else torch.float32)
     log = TrainingLog(out, resume_step=start_step if meta else None, enabled=env.is_main)
     sample_every = spec.sample_every

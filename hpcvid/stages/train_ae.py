@@ -33,7 +33,7 @@ import torch
 import hpcvid
 from hpcvid.config import RunStopped, TrainAESpec, UserError, to_dict
 from hpcvid.data.clips import ClipSet, load_clips
-from hpcvid.dist import Comm, Env, destroy_torch_distributed, init_torch_distributed, make_comm
+from hpcvid.dist import Comm, Env, make_comm
 from hpcvid.io import atomic_write_json
 from hpcvid.train import checkpoint as ck
 from hpcvid.train.autoencoder import (build_model, check_clip_size, config_to_dict, count_parameters, last_layer,
@@ -43,7 +43,7 @@ from hpcvid.train.losses import PatchDiscriminator3d, adaptive_gan_weight, hinge
 from hpcvid.train.loop import TrainLoop
 from hpcvid.train.metrics import TrainingLog, from_uint8, psnr, read_jsonl, ssim, to_uint8
 from hpcvid.train.pictures import curves_png
-from hpcvid.train.runtime import cpu_threads, pick_device, step_seed
+from hpcvid.train.runtime import step_seed, training_process
 
 
 @dataclass
@@ -297,18 +297,8 @@ class _Trainer:
 
 def run(spec: TrainAESpec, env: Env, comm: Optional[Comm] = None) -> TrainAEResult:
     comm = comm or make_comm(env)
-    device = pick_device(spec.device, env)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    else:
-        torch.set_num_threads(cpu_threads(env, spec.torch_threads))
-    owns_group = not torch.distributed.is_initialized()
-    init_torch_distributed(env, comm, backend="nccl" if device.type == "cuda" else "gloo")
-    try:
+    with training_process("train-ae", env, comm, spec.device, spec.torch_threads) as device:
         return _run(spec, env, comm, device)
-    finally:
-        if owns_group:
-            destroy_torch_distributed(comm)
 
 
 def _run(spec: TrainAESpec, env: Env, comm: Comm, device: torch.device) -> TrainAEResult:
@@ -326,8 +316,6 @@ def _run(spec: TrainAESpec, env: Env, comm: Comm, device: torch.device) -> Train
                         f"videos for {env.world_size} ranks; problems: {_merge([p for _, _, p in counts]) or 'none'}); "
                         f"add videos, lower clip.num_frames, or use fewer ranks")
     total_clips = sum(n for n, _, _ in counts)
-    if env.is_main and device.type == "cpu" and spec.device == "auto":
-        print("hpcvid train-ae: no GPU visible: training on the CPU in fp32", file=sys.stderr, flush=True)
     # the same number of probe clips on every rank: under FSDP2 each forward pass is a collective
     probe_frames = clips.frames[:min(spec.probe_clips, *(n for n, _, _ in counts))]
     probe_start = meta.get("probe_start") if meta else trainer.probe(probe_frames)

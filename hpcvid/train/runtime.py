@@ -2,15 +2,17 @@
 and a config dataclass from a preset with overrides."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import sys
 import typing
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
 from hpcvid.config import UserError
-from hpcvid.dist import Env, rank_cores
+from hpcvid.dist import Env, destroy_torch_distributed, init_torch_distributed, rank_cores
 
 
 def pick_device(choice: str, env: Env) -> torch.device:
@@ -24,6 +26,26 @@ def pick_device(choice: str, env: Env) -> torch.device:
 
 def cpu_threads(env: Env, asked: Optional[int]) -> int:
     return asked or rank_cores(env)
+
+
+@contextlib.contextmanager
+def training_process(name: str, env: Env, comm, device_choice: str, threads: Optional[int]) -> Iterator[torch.device]:
+    """A training stage's process: its device (and CPU threads), torch.distributed up (gloo, NCCL on GPUs) for the
+    stage and down again after it, unless a launcher had brought it up already."""
+    device = pick_device(device_choice, env)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(cpu_threads(env, threads))
+        if env.is_main and device_choice == "auto":
+            print(f"hpcvid {name}: no GPU visible: training on the CPU in fp32", file=sys.stderr, flush=True)
+    owns_group = not torch.distributed.is_initialized()
+    init_torch_distributed(env, comm, backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield device
+    finally:
+        if owns_group:
+            destroy_torch_distributed(comm)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
