@@ -1,5 +1,6 @@
-"""Pyramidal vs full flow matching: step time and tokens per step of the same DiT on the same batch, in one run; and
-the same training step under FSDP2 on 1 and on 2 ranks.
+"""Pyramidal vs full flow matching: step time and tokens per step of the same DiT on the same batch, in one run; the
+same training step under FSDP2 on 1 and on 2 ranks; and with activation checkpointing off and on (step time and the
+step's peak memory above what the process held before it, each in a fresh process).
 
     python benchmarks/pyramid_vs_full.py                                   # tiny keyframe model, CPU, fp32
     python benchmarks/pyramid_vs_full.py --preset motion-tiny --frames 8 --size 8
@@ -128,6 +129,56 @@ def fsdp_worker(args) -> None:
     comm.close()
 
 
+def recompute_worker(args) -> None:
+    """One process, one setting of activation checkpointing: best pyramidal step time and the first step's peak
+    memory above what was held before it (CUDA: peak allocated; CPU: peak resident set, read after the first step
+    only, since the C allocator keeps freed memory and later steps' peaks would pile up). Prints JSON."""
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = DiT(DIT_PRESETS[args.preset]).to(device)
+    model.recompute_blocks = args.recompute_worker == "on"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    step = make_step(model, opt, make_flow("pyramidal"), batch_for(model, args, device), device, args.bf16)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        before = _status_bytes("VmRSS")
+    step(0)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = _status_bytes("VmHWM")     # not ru_maxrss: it carries the parent's peak across fork and exec
+    seconds = min(time_steps(step, args.steps)[0] for _ in range(args.rounds))
+    print(json.dumps({"step_seconds": round(seconds, 5), "peak_step_mib": round((peak - before) / 2**20, 1)}),
+          flush=True)
+
+
+def _status_bytes(key: str) -> int:
+    """A memory figure of this process from /proc/self/status (Linux), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024                                 # reported in kB
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
+def recompute_comparison(args) -> dict:
+    out = {}
+    for setting in ("off", "on"):
+        cmd = [sys.executable, __file__, "--recompute-worker", setting, "--preset", args.preset, "--frames",
+               str(args.frames), "--size", str(args.size), "--batch", str(args.batch), "--steps", str(args.steps),
+               "--rounds", str(args.rounds), "--device", args.device] + (["--bf16"] if args.bf16 else [])
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        line = next((ln for ln in res.stdout.splitlines() if ln.startswith("{")), None)
+        if line is None:
+            raise RuntimeError(f"activation checkpointing {setting}: worker failed:\n{res.stderr[-2000:]}")
+        out[setting] = json.loads(line)
+    out["step_time_on_over_off"] = round(out["on"]["step_seconds"] / out["off"]["step_seconds"], 3)
+    out["peak_memory_on_over_off"] = round(out["on"]["peak_step_mib"] / max(out["off"]["peak_step_mib"], 0.1), 3)
+    return out
+
+
 def _config_only(preset: str):
     """A stand-in carrying only the config, for batch_for (the real model is sharded)."""
     return type("ConfigOnly", (), {"config": DIT_PRESETS[preset]})()
@@ -162,11 +213,16 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--no-fsdp", action="store_true", help="skip the 1 vs 2 rank FSDP2 part")
+    parser.add_argument("--no-recompute", action="store_true", help="skip the activation checkpointing part")
     parser.add_argument("--fsdp-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--recompute-worker", choices=["off", "on"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pyramid_vs_full.json")
     args = parser.parse_args(argv)
     if args.fsdp_worker:
         fsdp_worker(args)
+        return 0
+    if args.recompute_worker:
+        recompute_worker(args)
         return 0
     torch.set_num_threads(max(1, torch.get_num_threads()))
     report = {"benchmark": "pyramid_vs_full", "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -176,6 +232,8 @@ def main(argv=None) -> int:
               "single_process": single(args)}
     if not args.no_fsdp:
         report["fsdp2_pyramidal"] = fsdp_scaling(args)
+    if not args.no_recompute:
+        report["activation_checkpointing"] = recompute_comparison(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     s = report["single_process"]
@@ -189,6 +247,11 @@ def main(argv=None) -> int:
         f = report["fsdp2_pyramidal"]
         print(f"  FSDP2 (pyramidal): 1 rank {f['ranks_1']['step_seconds']:.4f} s/step, 2 ranks "
               f"{f['ranks_2']['step_seconds']:.4f} s/step; samples/s 2 vs 1 ranks: {f['throughput_2_over_1']:.3f}")
+    if "activation_checkpointing" in report:
+        a = report["activation_checkpointing"]
+        print(f"  activation checkpointing (pyramidal): step time on/off {a['step_time_on_over_off']:.3f}, "
+              f"step peak memory {a['on']['peak_step_mib']:.0f} vs {a['off']['peak_step_mib']:.0f} MiB "
+              f"({a['peak_memory_on_over_off']:.3f})")
     print(f"wrote {args.out}")
     return 0
 

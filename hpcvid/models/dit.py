@@ -26,8 +26,9 @@ position per row (rows in (b, y, x) order, frames in time order), and expects th
 shape back; the block applies the gate and the residual. `temporal_attention_modules()` lists them,
 `replace_temporal_attention(make)` installs replacements.
 
-No noise schedules, ranks, optimizers or checkpointing in here: the flow is hpcvid/flow, activation checkpointing and
-FSDP2 wrap the blocks from outside (`model.blocks`, `model.sharding_units()`). This file imports torch only.
+No noise schedules, ranks, optimizers or checkpoint files in here: the flow is hpcvid/flow, FSDP2 wraps the blocks
+from outside (`model.sharding_units()`), and a trainer turns on recomputing the blocks in backward with
+`model.recompute_blocks = True` (activation checkpointing that keeps parameter names). This file imports torch only.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from hpcvid.models.cmd import unpatchify_frames
 from hpcvid.models.layers import NORM_EPS, Attention, Mlp, check_shape, pos_embed_3d_dims, sinusoidal_embedding
@@ -252,6 +254,10 @@ class DiT(nn.Module):
         self.null_token = nn.Parameter(torch.zeros(1, 1, w))                 # always a key: fully masked text is fine
         self.blocks = nn.ModuleList(DiTBlock(c) for _ in range(c.depth))
         self.final = FinalLayer(c)
+        # Recompute each block's activations in backward instead of keeping them (set from outside, e.g. by the
+        # train stage). Done here rather than with a wrapper module so parameter names, and so checkpoints and
+        # the EMA, are the same with and without it.
+        self.recompute_blocks = False
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -284,7 +290,7 @@ class DiT(nn.Module):
         return frames * (height // p) * (width // p)
 
     def sharding_units(self) -> list[nn.Module]:
-        """The FSDP2 units (and activation-checkpointing units): the blocks; the root keeps embeddings and head."""
+        """The FSDP2 units (also what recompute_blocks recomputes): the blocks; the root keeps embeddings and head."""
         return list(self.blocks)
 
     def temporal_attention_modules(self) -> Iterator[tuple[str, nn.Module]]:
@@ -392,8 +398,12 @@ class DiT(nn.Module):
         context = torch.cat([self.null_token.to(x.dtype).expand(B, 1, w), self.text_proj(text)], dim=1)  # (B, 1+L, w)
         context_mask = F.pad(text_mask, (1, 0), value=True)                    # (B, 1+L): the null key is always on
 
+        recompute = self.recompute_blocks and torch.is_grad_enabled()
         for block in self.blocks:
-            tokens = block(tokens, c, context, context_mask)                   # (B, T, S, width)
+            if recompute:
+                tokens = checkpoint(block, tokens, c, context, context_mask, use_reentrant=False)
+            else:
+                tokens = block(tokens, c, context, context_mask)               # (B, T, S, width)
         out = self.final(tokens, c)                                            # (B, T, S, p p C)
         out = out.view(B, T, h_tok, w_tok, p * p * C)                          # (B, T, h', w', p p C)
         return unpatchify_frames(out, p, C)                                    # (B, C, T, H, W)

@@ -3,10 +3,9 @@
     mesh = data_mesh(device)                               # one dimension: every rank holds a shard / a replica
     model = parallelize(model, "ddp" | "fsdp2", device, mesh, mixed_precision=False)
 
-The order matters and is fixed here: (activation checkpointing, when a caller asks for it, wraps blocks first, so
-that FSDP2 gathers a block's parameters for its recomputation too), then FSDP2 on each sharding unit, children
-before their parents as fully_shard requires, then on the root, which takes what is left (stems, heads). Which
-submodules are units is declared per model family in SHARDING_UNITS, not guessed from attribute names.
+The order matters and is fixed here: FSDP2 on each sharding unit, children before their parents as fully_shard
+requires, then on the root, which takes what is left (stems, heads). Which submodules are units is declared per
+model family in SHARDING_UNITS, not guessed from attribute names.
 The process group must be up (torch.distributed) before parallelize is called.
 """
 from __future__ import annotations

@@ -94,12 +94,8 @@ def _check_data(spec: TrainSpec, model: DiT, identity: dict[str, Any]) -> None:
 
 
 def _wrap(model: DiT, spec: TrainSpec, device: torch.device, bf16: bool) -> torch.nn.Module:
-    """Activation checkpointing on each block first, then the parallelism (the order FSDP2 needs)."""
-    if spec.activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-        for i, block in enumerate(model.blocks):
-            model.blocks[i] = checkpoint_wrapper(block)
+    """Activation checkpointing (recompute each block in backward), then the parallelism."""
+    model.recompute_blocks = spec.activation_checkpointing
     if spec.parallel == "none":
         return model
     return parallelize(model, spec.parallel, device, mixed_precision=bf16 and spec.parallel == "fsdp2")

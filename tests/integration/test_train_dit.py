@@ -162,6 +162,15 @@ def test_sample_writes_a_video_from_a_verbatim_prompt(tmp_path, dataset, run_cli
     assert (tmp_path / "out" / "sample.png").stat().st_size > 1000
 
 
+def test_activation_checkpointing_recomputes_the_same_losses(tmp_path, dataset, run_cli):
+    """Recomputing each block in backward trades time for memory; the numbers must not change (under FSDP2)."""
+    for name, flag in (("plain", "false"), ("recompute", "true")):
+        job = train_job(tmp_path / f"{name}.yaml", dataset, tmp_path / name, steps=3, checkpoint_every=100,
+                        parallel="fsdp2")
+        assert_cli_ok(run_cli(["train", job, "--set", f"train.activation_checkpointing={flag}"]))
+    assert losses(tmp_path / "recompute") == losses(tmp_path / "plain")
+
+
 def test_stage_jobs_pickle(tmp_path, dataset):
     spec = load_job(train_job(tmp_path / "job.yaml", dataset, tmp_path / "run")).train
     from hpcvid.config import to_dict

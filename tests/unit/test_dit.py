@@ -266,6 +266,26 @@ def test_gradients_reach_every_parameter(kind):
     assert not missing, f"no gradient reaches {missing}"
 
 
+def test_recomputing_blocks_runs_each_block_twice_and_gives_the_same_gradients():
+    """Activation checkpointing: every block's forward runs again in backward; names, output and gradients stay."""
+    grads, calls = {}, {}
+    for recompute in (False, True):
+        model = tiny("motion").train()
+        model.recompute_blocks = recompute
+        count = [0]
+        # pre-hooks: the recomputation stops once it has what backward needs, before forward hooks would fire
+        for block in model.blocks:
+            block.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        model(**inputs("motion", 2)).square().mean().backward()
+        grads[recompute] = {name: p.grad for name, p in model.named_parameters()}
+        calls[recompute] = count[0]
+    depth = len(model.blocks)
+    assert (calls[False], calls[True]) == (depth, 2 * depth)
+    assert grads[True].keys() == grads[False].keys()
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 # ---------------------------------------------------------------------------------------------------- paper sizes
 
 @pytest.mark.parametrize("kind, shape, cond_shape, tokens", [
