@@ -266,6 +266,9 @@ class TrainAESpec:
     progress: bool = True                         # tqdm bar on rank 0
 
     def validate(self, at: str) -> None:
+        if self.data.source == "shards" and self.data.max_clips is not None:
+            raise _ValueProblem(f"{at}.data.max_clips", "clips from shards are streamed with bounded memory, so there "
+                                "is nothing to bound: remove max_clips (choose videos with include/exclude)")
         if self.loss.gan > 0 and self.parallel == "fsdp2":
             raise _ValueProblem(f"{at}.loss.gan", "the GAN loss's adaptive weight needs parallel: ddp "
                                                   "(fsdp2 shards the last decoder layer it reads)")

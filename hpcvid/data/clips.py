@@ -1,8 +1,10 @@
-"""Clips decoded for autoencoder training and evaluation, held in memory per rank: from a manifest (decoded with
-hpcvid.data.video) or from a prep dataset of pixels (read with the shard reader).
+"""Clips for autoencoder training and evaluation, as uint8 frames (N, T, H, W, 3).
 
-Each rank decodes its share once (rows rank, rank + W, ...; for shards, clips rank, rank + W, ...) and keeps the
-clips as uint8 (3 T H W bytes each); `max_clips` bounds that. Unusable videos are counted by reason, never raised.
+In memory per rank (`load_clips`): from a manifest (decoded with hpcvid.data.video) or from a prep dataset of
+pixels (read with the shard reader). Each rank decodes its share once (rows rank, rank + W, ...; for shards, clips
+rank, rank + W, ...) and keeps the clips as uint8 (3 T H W bytes each); `max_clips` bounds that. Unusable videos
+are counted by reason, never raised. Streamed (`ClipStream`): batches read from a pixels prep dataset as they are
+needed (hpcvid.data.dataset.ShardDataset), with memory bounded at any dataset size and a position to checkpoint.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import fnmatch
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -18,6 +20,7 @@ import torch
 from hpcvid.config import AEDataSpec, UserError
 from hpcvid.data import manifest as mf
 from hpcvid.data import shards as sh
+from hpcvid.data.dataset import ShardDataset
 from hpcvid.data.shard_file import clip_id
 from hpcvid.data.video import VideoError, read_clips
 from hpcvid.io import read_json
@@ -75,7 +78,9 @@ def _clips_from_manifest(data: AEDataSpec, rank: int, world: int, limit: Optiona
     return ClipSet(stacked, ids, order, videos, problems)
 
 
-def _clips_from_shards(data: AEDataSpec, rank: int, world: int, limit: Optional[int]) -> ClipSet:
+def pixel_buckets(data: AEDataSpec) -> tuple[dict[str, Any], list[str]]:
+    """(index.json, the buckets whose clips are 3 x clip.num_frames x resolution) of a pixels prep dataset; a
+    UserError naming the folder for anything else."""
     folder = Path(data.shards)
     index = read_json(folder / "index.json")
     if index is None:
@@ -84,6 +89,63 @@ def _clips_from_shards(data: AEDataSpec, rank: int, world: int, limit: Optional[
         raise UserError(f"{folder}: data.shards: autoencoders train on pixels; this dataset holds "
                         f"{json.dumps(index['encoder'])} latents (write one with prep encoder kind 'pixels', "
                         f"downsample 1)")
+    want = [3, data.clip.num_frames, *data.resolution]
+    shapes = index.get("latent", {}).get("shapes", {})
+    names = [name for name, shape in shapes.items() if list(shape) == want]
+    if not names:
+        held = ", ".join(f"{k}: {v}" for k, v in shapes.items())
+        raise UserError(f"{folder}: data.shards: no clip of shape {want} (3 x clip.num_frames x resolution); the "
+                        f"dataset holds {held or 'no clips'}")
+    return index, names
+
+
+def video_filter(data: AEDataSpec) -> Optional[Callable[[str], bool]]:
+    """include/exclude as a predicate on video ids, or None when every video is in."""
+    if data.include is None and not data.exclude:
+        return None
+    return lambda video_id: _selected(video_id, data)
+
+
+class ClipStream:
+    """Batches of `batch_size` clips (uint8 (B, T, H, W, 3)) for one rank, streamed from a pixels prep dataset:
+    every clip of the selected videos in the matching bucket, reshuffled each epoch, the same number of batches on
+    every rank, with a position to save (`state_dict`) and restore. `fixed(n)`: n clips that are the same on every
+    run with the same seed (epoch 0's first batches), for measuring before and after training."""
+
+    def __init__(self, data: AEDataSpec, batch_size: int, rank: int, world: int, seed: int, prefetch: int = 2):
+        _, names = pixel_buckets(data)
+        self.dataset = ShardDataset(data.shards, batch_size, rank=rank, world_size=world, seed=seed,
+                                    prefetch=prefetch, buckets=names, select=video_filter(data))
+        self.clips = self.dataset.clips
+
+    @staticmethod
+    def _frames(batch: dict[str, Any]) -> torch.Tensor:
+        return batch["latents"][:, 0].permute(0, 2, 3, 4, 1)          # (B, 1, 3, T, H, W) -> (B, T, H, W, 3)
+
+    def next(self) -> torch.Tensor:
+        return self._frames(next(self.dataset))
+
+    def fixed(self, n: int) -> torch.Tensor:
+        per_batch = self.dataset.batch_size
+        batches = min(-(-n // per_batch), len(self.dataset))
+        return torch.cat([self._frames(self.dataset.batch_at(0, i)) for i in range(batches)])[:n]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.dataset.load_state_dict(state)
+
+    def describe(self) -> str:
+        return self.dataset.describe()
+
+    def close(self) -> None:
+        self.dataset.close()
+
+
+def _clips_from_shards(data: AEDataSpec, rank: int, world: int, limit: Optional[int]) -> ClipSet:
+    folder = Path(data.shards)
+    index, _ = pixel_buckets(data)
     want = [3, data.clip.num_frames, *data.resolution]
     frames, ids, order, shapes, videos = [], [], [], {}, set()
     position = -1

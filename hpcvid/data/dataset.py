@@ -23,7 +23,7 @@ import hashlib
 import queue
 import threading
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Collection, Iterator, Optional
 
 import numpy as np
 import torch
@@ -234,6 +234,10 @@ class ShardDataset:
     layout (the next epoch when that is the epoch's end; which sequences of the epoch are then seen twice or not
     at all is not controlled). The seed comes from the state: a resumed run keeps its order.
 
+    Selection: `buckets` keeps only those buckets (e.g. the one shape a model takes); `select(video_id) -> bool`
+    keeps only the clips of the videos it accepts (include/exclude patterns), which reads every clip's video id
+    once at start, like sequences do.
+
     Memory: per rank, a few int32 per sequence for the index, one epoch's order (8 bytes a sequence), `open_files`
     shard readers and `prefetch` batches. Random access crosses shards: a larger `open_files` helps when the
     shards are few enough to keep open.
@@ -241,7 +245,8 @@ class ShardDataset:
 
     def __init__(self, folder: str | Path, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  sequence: int = 1, seed: int = 0, prefetch: int = 2, open_files: int = OPEN_FILES,
-                 allow_incomplete: bool = False, min_batches: int = 1):
+                 allow_incomplete: bool = False, min_batches: int = 1, buckets: Optional[Collection[str]] = None,
+                 select: Optional[Callable[[str], bool]] = None):
         for name, value, low in (("batch_size", batch_size, 1), ("world_size", world_size, 1),
                                  ("sequence", sequence, 1), ("prefetch", prefetch, 0), ("open_files", open_files, 1),
                                  ("min_batches", min_batches, 1)):
@@ -254,9 +259,9 @@ class ShardDataset:
         self.global_batch = batch_size * world_size
         identity, entries = self._read_folder(allow_incomplete)
         self.digest = identity.get("digest", "")
-        self.clips = sum(int(e["clips"]) for e in entries)
         self._paths = [self.folder / e["file"] for e in entries]
-        self._index_sequences(identity, entries)
+        self._keep_bucket = (lambda name: True) if buckets is None else frozenset(buckets).__contains__
+        self._index_sequences(identity, entries, select)
         self._shards = _OpenShards(self._paths, entries, (identity.get("latent") or {}).get("shapes", {}), open_files)
         self._check_enough(min_batches)
         self._epoch, self._batch = 0, 0                 # the next batch the caller gets
@@ -288,10 +293,13 @@ class ShardDataset:
                                 f"{entry['bytes']} bytes: the shard changed after the index was built; rerun prep")
         return identity, list(index["shards"])
 
-    def _index_sequences(self, identity: dict[str, Any], entries: list[dict[str, Any]]) -> None:
-        """Every sequence as (shard, bucket, K clip indices), grouped by bucket.
+    def _index_sequences(self, identity: dict[str, Any], entries: list[dict[str, Any]],
+                         select: Optional[Callable[[str], bool]]) -> None:
+        """Every sequence as (shard, bucket, K clip indices), grouped by bucket; `clips` counts the kept buckets'
+        clips (of the selected videos).
 
-        sequence=1 needs only index.json. Longer sequences need every clip's video_id, start_frame and stride:
+        sequence=1 without `select` needs only index.json. Longer sequences need every clip's video_id, start_frame
+        and stride (a selection, its video_id):
         read here once from every shard, on every rank. At 10M clips that is one open of each shard and ~0.4 GB of
         small datasets read (~30 bytes of id string and 12 bytes of numbers a clip), held one shard at a time;
         what stays is 4K+4 bytes a sequence. It could be cached beside index.json, keyed by the dataset digest."""
@@ -302,18 +310,33 @@ class ShardDataset:
                 raise UserError(f"{self.folder / 'dataset.json'}: spec.clip.num_frames missing: sequences of clips "
                                 f"need the clip length")
         windows: dict[str, list[tuple[int, np.ndarray]]] = collections.defaultdict(list)   # bucket -> (shard, (W, K))
-        self.longest_run = 0
+        self.longest_run, self.clips = 0, 0
         for shard, entry in enumerate(entries):
-            if num_frames is None:
-                for name, n in entry["buckets"].items():
+            kept = [name for name in entry["buckets"] if self._keep_bucket(name)]
+            if num_frames is None and select is None:
+                for name in kept:
+                    n = int(entry["buckets"][name])
                     windows[name].append((shard, np.arange(n, dtype=np.int32)[:, None]))
+                    self.clips += n
+                    self.longest_run = max(self.longest_run, 1 if n else 0)
+                continue
+            if not kept:
                 continue
             with ShardReader(self._paths[shard]) as reader:
-                for name in reader.buckets:
+                for name in kept:
                     ids = reader.ids(name, ("video_id", "start_frame", "stride"))
-                    found, longest = sequence_windows(ids["video_id"], ids["start_frame"], ids["stride"], num_frames,
-                                                      self.sequence)
-                    windows[name].append((shard, found))
+                    chosen = np.arange(len(ids["video_id"]))                                # (n,) clip indices
+                    if select is not None:
+                        videos, inverse = np.unique(ids["video_id"], return_inverse=True)
+                        chosen = np.flatnonzero(np.array([bool(select(v)) for v in videos], bool)[inverse.reshape(-1)])
+                    self.clips += len(chosen)
+                    if num_frames is None:
+                        found, longest = chosen[:, None], 1 if len(chosen) else 0
+                    else:
+                        found, longest = sequence_windows(ids["video_id"][chosen], ids["start_frame"][chosen],
+                                                          ids["stride"][chosen], num_frames, self.sequence)
+                        found = chosen[found]
+                    windows[name].append((shard, found.astype(np.int32)))
                     self.longest_run = max(self.longest_run, longest)
         self.bucket_names = sorted(windows)
         shards, clips, counts = [], [], []
@@ -332,6 +355,9 @@ class ShardDataset:
         g = self.global_batch
         self.batches_per_epoch = sum(n // g for n in self.bucket_sequences.values())
         self.dropped_per_epoch = sum(n % g for n in self.bucket_sequences.values())
+        if self.clips == 0:
+            raise UserError(f"{self.folder}: no clips to train on: none in the chosen buckets or of the selected "
+                            f"videos")
         if self.sequences == 0:
             raise UserError(f"{self.folder}: no sequences of {self.sequence} consecutive clips in {self.clips} clips "
                             f"(the longest run of one video is {self.longest_run}); prep with clip.layout: "
@@ -359,6 +385,16 @@ class ShardDataset:
         order = order[torch.randperm(len(order), generator=generator).numpy()]             # (batches, g)
         self._order = ((self.seed, epoch), order)
         return order
+
+    def batch_at(self, epoch: int, index: int) -> dict[str, Any]:
+        """This rank's batch `index` of epoch `epoch`, read now without moving the position: fixed clips (e.g. the
+        ones a trainer measures before and after training), the same on every run with the same seed. Batches
+        prefetched so far are dropped (the reader is not shared between threads) and read again when due."""
+        self._stop()
+        order = self.epoch_order(epoch)
+        if not 0 <= index < len(order):
+            raise IndexError(f"batch {index} of an epoch of {len(order)} batches")
+        return self._read(order[index, self.rank * self.batch_size:(self.rank + 1) * self.batch_size])
 
     def _produce(self, epoch: int, batch: int) -> Iterator[tuple[int, int, dict[str, Any]]]:
         """(epoch, batch index, batch) for this rank from a position on, forever."""

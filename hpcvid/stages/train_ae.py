@@ -6,10 +6,12 @@ Launch (the stage itself does not know which was used):
     torchrun --nproc-per-node 8 -m hpcvid.cli train-ae jobs/paper_reducio.yaml     # one GPU node
     hpcvid submit PIPELINE.yaml --cluster slurm                          # as a pipeline stage (requeued on preemption)
 
-Each rank decodes its share of the videos (rows rank, rank + W, ...) once into memory and draws batches from it;
-the model is wrapped by DDP or FSDP2 from outside (hpcvid.parallel.fsdp). A rerun resumes from the latest
-complete checkpoint in OUTPUT and, because every random draw is seeded by (seed, step, rank), continues exactly as
-the uninterrupted run would have. Rank 0 writes OUTPUT/metrics.jsonl (and the same scalars as TensorBoard events in
+Data: from a manifest, each rank decodes its share of the videos (rows rank, rank + W, ...) once into memory and
+draws batches from it; from a pixels prep dataset (source: shards), batches stream from the shards with bounded
+memory (hpcvid.data.clips.ClipStream) and the data position goes into every checkpoint. The model is wrapped by
+DDP or FSDP2 from outside (hpcvid.parallel.fsdp). A rerun resumes from the latest complete checkpoint in OUTPUT
+and, because every random draw is seeded by (seed, step, rank) and the stream's position is restored, continues
+exactly as the uninterrupted run would have. Rank 0 writes OUTPUT/metrics.jsonl (and the same scalars as TensorBoard events in
 OUTPUT/tensorboard/), checkpoints, train_report.json and curves.png.
 
 Safety: a resume trusts only a checkpoint whose files match the sha256 in its meta.json (a damaged one is skipped
@@ -32,7 +34,7 @@ import torch
 
 import hpcvid
 from hpcvid.config import RunStopped, TrainAESpec, UserError, to_dict
-from hpcvid.data.clips import ClipSet, load_clips
+from hpcvid.data.clips import ClipStream, load_clips
 from hpcvid.dist import Comm, Env, make_comm
 from hpcvid.io import atomic_write_json
 from hpcvid.train import checkpoint as ck
@@ -224,15 +226,15 @@ class _Trainer:
         return {"psnr": round(sums[0].item() / n, 3), "ssim": round(sums[1].item() / n, 4), "clips": int(sums[2])}
 
     def step(self, step: int, frames: torch.Tensor) -> tuple[dict[str, float], bool]:
-        """One optimizer step (and one discriminator step once the GAN is on): (the loss terms as floats, skipped).
+        """One optimizer step on a batch of uint8 clips (B, T, H, W, 3) (and one discriminator step once the GAN is
+        on): (the loss terms as floats, skipped).
 
         Skipped (no update on any rank, gradients dropped) when the loss, the global gradient norm, or the
         discriminator's, is NaN or inf on any rank: the decision rests on one all-reduced flag, so the ranks never
         diverge (a DDP/FSDP2 rank that stepped while another skipped would desynchronise them)."""
         spec, loss_spec = self.spec, self.spec.loss
         seed = step_seed(spec.seed, step, self.env.rank)
-        idx = torch.randint(len(frames), (spec.batch_size,), generator=torch.Generator().manual_seed(seed))
-        x = from_uint8(frames[idx]).to(self.device, non_blocking=True)      # (B, 3, T, H, W) in [-1, 1]
+        x = from_uint8(frames).to(self.device, non_blocking=True)           # (B, 3, T, H, W) in [-1, 1]
         noise = torch.Generator(device=self.device).manual_seed(seed + 1)
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(step)
@@ -301,36 +303,86 @@ def run(spec: TrainAESpec, env: Env, comm: Optional[Comm] = None) -> TrainAEResu
         return _run(spec, env, comm, device)
 
 
+class _MemoryBatches:
+    """Batches drawn with replacement from clips decoded into memory, seeded by (seed, step, rank): nothing to save."""
+
+    def __init__(self, spec: TrainAESpec, env: Env, comm: Comm):
+        self.spec, self.rank = spec, env.rank
+        clips = load_clips(spec.data, env.rank, env.world_size)
+        self.frames = clips.frames                                           # (N, T, H, W, 3) uint8
+        counts = comm.all_gather((len(clips.frames), clips.videos, clips.problems))
+        problems = _merge([p for _, _, p in counts])
+        if any(n == 0 for n, _, _ in counts):
+            empty = [r for r, (n, _, _) in enumerate(counts) if n == 0]
+            raise UserError(f"train_ae.data: rank(s) {empty} got no clips ({sum(v for _, v, _ in counts)} usable "
+                            f"videos for {env.world_size} ranks; problems: {problems or 'none'}); add videos, lower "
+                            f"clip.num_frames, or use fewer ranks")
+        self.clips = sum(n for n, _, _ in counts)
+        self.smallest = min(n for n, _, _ in counts)
+        self.videos = sum(v for _, v, _ in counts)
+        self.problems = problems
+
+    def next(self, step: int) -> torch.Tensor:
+        seed = step_seed(self.spec.seed, step, self.rank)
+        idx = torch.randint(len(self.frames), (self.spec.batch_size,), generator=torch.Generator().manual_seed(seed))
+        return self.frames[idx]
+
+    def fixed(self, n: int) -> torch.Tensor:
+        # the same number on every rank: under FSDP2 each forward pass is a collective
+        return self.frames[:min(n, self.smallest)]
+
+    def describe(self) -> str:
+        T, (H, W) = self.spec.data.clip.num_frames, self.spec.data.resolution
+        return (f"{self.clips} clips of {T}x{H}x{W} in memory from {self.videos} videos"
+                f"{'; without clips: ' + self.problems if self.problems else ''}")
+
+    def close(self) -> None:
+        pass
+
+
 def _run(spec: TrainAESpec, env: Env, comm: Comm, device: torch.device) -> TrainAEResult:
     start = time.time()
     out = Path(spec.output)
     out.mkdir(parents=True, exist_ok=True)
     trainer = _Trainer(spec, env, comm, device)
     start_step, meta, folder = trainer.resume()
+    if spec.data.source == "shards":
+        stream = ClipStream(spec.data, spec.batch_size, env.rank, env.world_size, spec.seed)
+        if meta and "data_position" in meta:
+            stream.load_state_dict(meta["data_position"])
+        elif meta:
+            trainer.warn(f"checkpoint {folder} has no data position (written from another source): the data "
+                         f"stream starts from its beginning")
+    else:
+        stream = None
+    data = stream or _MemoryBatches(spec, env, comm)
+    try:
+        return _train(spec, env, comm, device, trainer, data, stream, start_step, meta, folder, start)
+    finally:
+        data.close()
 
-    clips = load_clips(spec.data, env.rank, env.world_size)
-    counts = comm.all_gather((len(clips.frames), clips.videos, clips.problems))
-    if any(n == 0 for n, _, _ in counts):
-        empty = [r for r, (n, _, _) in enumerate(counts) if n == 0]
-        raise UserError(f"train_ae.data: rank(s) {empty} got no clips ({sum(v for _, v, _ in counts)} usable "
-                        f"videos for {env.world_size} ranks; problems: {_merge([p for _, _, p in counts]) or 'none'}); "
-                        f"add videos, lower clip.num_frames, or use fewer ranks")
-    total_clips = sum(n for n, _, _ in counts)
-    # the same number of probe clips on every rank: under FSDP2 each forward pass is a collective
-    probe_frames = clips.frames[:min(spec.probe_clips, *(n for n, _, _ in counts))]
+
+def _train(spec: TrainAESpec, env: Env, comm: Comm, device: torch.device, trainer: _Trainer, data, stream,
+           start_step: int, meta: Optional[dict], folder: Optional[Path], start: float) -> TrainAEResult:
+    out = Path(spec.output)
+    probe_frames = data.fixed(spec.probe_clips)
     probe_start = meta.get("probe_start") if meta else trainer.probe(probe_frames)
-
     log = TrainingLog(out, resume_step=start_step if meta else None, enabled=env.is_main)
-    extra = {"probe_start": probe_start, "data": {"clips": total_clips, "clip": [trainer.T, trainer.H, trainer.W]}}
+    extra = {"probe_start": probe_start, "data": {"clips": data.clips, "clip": [trainer.T, trainer.H, trainer.W]}}
+
+    next_batch = (lambda step: stream.next()) if stream else data.next
 
     def step_fn(step: int) -> tuple[dict[str, float], bool, int]:
-        terms, skipped = trainer.step(step, clips.frames)
+        terms, skipped = trainer.step(step, next_batch(step))
         return {**terms, "lr": trainer.lr_at(step)}, skipped, 0
+
+    def save_fn(step: int, extra: dict[str, Any]) -> Path:
+        return trainer.save(step, {**extra, "data_position": stream.state_dict()} if stream else extra)
 
     loop = TrainLoop(name="train-ae", section="train_ae", steps=spec.steps, log_every=spec.log_every,
                      checkpoint_every=spec.checkpoint_every, max_nonfinite_steps=spec.max_nonfinite_steps, env=env,
                      comm=comm, device=device, log=log, progress=spec.progress, postfix=("loss", "psnr"))
-    outcome = loop.run(start_step, step_fn, trainer.save, folder, spec.lr, extra)
+    outcome = loop.run(start_step, step_fn, save_fn, folder, spec.lr, extra)
     last, folder, times, skipped_total = outcome.last, outcome.folder, outcome.times, outcome.skipped
     probe_end = trainer.probe(probe_frames)
     seconds = time.time() - start
@@ -339,11 +391,12 @@ def _run(spec: TrainAESpec, env: Env, comm: Comm, device: torch.device) -> Train
         records = read_jsonl(out / "metrics.jsonl")
         last = records[-1] if records else None
     result = TrainAEResult(
-        str(out), trainer.kind, spec.model.preset, env.world_size, start_step, spec.steps, total_clips,
+        str(out), trainer.kind, spec.model.preset, env.world_size, start_step, spec.steps, data.clips,
         round(seconds, 2), round(statistics.median(times), 4) if times else None,
         last.get("loss") if last else None, last.get("psnr") if last else None, probe, str(folder), "",
         skipped_total)
-    result.summary = format_summary(result, trainer, clips, counts, device)
+    result.summary = format_summary(result, trainer, f"streamed from {data.describe()}" if stream else data.describe(),
+                                    device)
     if env.is_main:
         atomic_write_json(out / "train_report.json", {**asdict(result), "model": trainer.model_meta()})
         curves_png(read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else [], out / "curves.png")
@@ -363,18 +416,15 @@ def _num(value: Optional[float], digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def format_summary(r: TrainAEResult, trainer: _Trainer, clips: ClipSet, counts: list, device: torch.device) -> str:
+def format_summary(r: TrainAEResult, trainer: _Trainer, data: str, device: torch.device) -> str:
     spec = trainer.spec
-    videos = sum(v for _, v, _ in counts)
-    problems = _merge([p for _, _, p in counts])
     precision = "bf16 autocast" if trainer.bf16 else "fp32"
     p0, p1 = r.probe.get("start") or {}, r.probe["end"]
     lines = [
         f"train-ae: {r.output}  ({r.kind} {r.preset}, {trainer.n_params / 1e6:.2f}M parameters, {r.world_size} "
         f"rank{'s' if r.world_size > 1 else ''} {spec.parallel if r.world_size > 1 else 'single'} on "
         f"{device.type}, {precision})",
-        f"  data: {r.clips} clips of {trainer.T}x{trainer.H}x{trainer.W} from {videos} videos"
-        f"{'; without clips: ' + problems if problems else ''}",
+        f"  data: {data}",
     ]
     if r.seconds_per_step is not None:
         skipped = f"; {r.skipped_steps} non-finite step(s) skipped" if r.skipped_steps else ""

@@ -305,21 +305,47 @@ def test_prep_with_cmd_encoder_stores_both_motion_latents(tmp_path, synthetic_vi
                                                                                 "shards": str(out)}), tmp_path)
 
 
-def test_train_from_pixel_shards(tmp_path, synthetic_videos):
+def test_train_streams_from_pixel_shards_and_resumes_at_its_data_position(tmp_path, synthetic_videos):
+    """source: shards streams batches (no clips held in memory); a resume continues from the saved data position,
+    across an epoch boundary, exactly as the uninterrupted run."""
     from hpcvid.stages import prep
 
     job = write_job(tmp_path / "prep.yaml", {"kind": "folder", "path": str(synthetic_videos.folder)},
                     tmp_path / "pixels")
     prep.run(load_job(job).prep, Env.single())
-    section = train_section(synthetic_videos.folder, tmp_path / "ae", steps=2,
-                            data={"source": "shards", "manifest": None, "shards": str(tmp_path / "pixels")})
-    result = run_train(section, tmp_path)
-    assert result.clips == 6                                # the 32x32 bucket: 3 square-ish videos x 2 clips
-    wide = run_train(merged(section, {"output": str(tmp_path / "wide"), "data": {"resolution": [32, 48],
-                                                                                 "max_clips": 4}}), tmp_path)
-    assert wide.clips == 4                                  # 6 clips of 32x48, the first 4 kept
+    section = train_section(synthetic_videos.folder, tmp_path / "a", steps=5, batch_size=2, log_every=1,
+                            checkpoint_every=2, data={"source": "shards", "manifest": None,
+                                                      "shards": str(tmp_path / "pixels")})
+    straight = run_train(section, tmp_path)
+    assert straight.clips == 6                               # the 32x32 bucket: 3 square-ish videos x 2 clips
+    assert "streamed from" in straight.summary and "3 batches of 2 per rank per epoch" in straight.summary
+    assert ck.read_meta(ck.step_dir(tmp_path / "a", 4))["data_position"]["items_seen"] == 2   # epoch 1, batch 1
+    run_train(merged(section, {"output": str(tmp_path / "b"), "steps": 2}), tmp_path)
+    resumed = run_train(merged(section, {"output": str(tmp_path / "b")}), tmp_path)
+    assert resumed.start_step == 2
+    strip = ("sec_per_step", "time")
+    la, lb = read_jsonl(tmp_path / "a" / "metrics.jsonl"), read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    assert [{k: v for k, v in r.items() if k not in strip} for r in la] == \
+        [{k: v for k, v in r.items() if k not in strip} for r in lb]
+    a, b = ck.load_weights(ck.step_dir(tmp_path / "a", 5)), ck.load_weights(ck.step_dir(tmp_path / "b", 5))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    one = run_train(merged(section, {"output": str(tmp_path / "one"), "steps": 1, "batch_size": 1,
+                                     "data": {"include": [straight_video(tmp_path / "pixels")]}}), tmp_path)
+    assert one.clips == 2                                    # include: one video's clips only
+    wide = run_train(merged(section, {"output": str(tmp_path / "wide"), "steps": 1,
+                                      "data": {"resolution": [32, 48]}}), tmp_path)
+    assert wide.clips == 6
     with pytest.raises(UserError, match=r"no clip of shape \[3, 8, 64, 64\]"):
         run_train(merged(section, {"output": str(tmp_path / "x"), "data": {"resolution": [64, 64]}}), tmp_path)
+    with pytest.raises(UserError, match=r"train_ae\.data\.max_clips.*streamed"):
+        run_train(merged(section, {"output": str(tmp_path / "y"), "data": {"max_clips": 4}}), tmp_path)
+
+
+def straight_video(folder: Path) -> str:
+    """The video id of some clip in a 32x32 bucket of a prep dataset."""
+    data = check_dataset(folder, total_rows=None)
+    return next(clip["video_id"] for clip in data.clips.values() if clip["bucket"] == "32x32")
 
 
 # ---------------------------------------------------------------------------------------------------- user errors

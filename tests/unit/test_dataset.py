@@ -188,6 +188,35 @@ def test_sequences_are_consecutive_clips_of_one_video(data, k):
         assert run.index(seq[0]) % k == 0                                      # windows from the run's start
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_buckets_and_a_video_selection_keep_only_their_clips(data, k):
+    """buckets= and select= narrow the dataset before windows are cut: sequences never cross into a dropped clip."""
+    folder, truth = data
+    keep = lambda video: not video.endswith("v1")                              # noqa: E731
+    wanted = {cid for cid in truth.latents if truth.bucket[cid] == "16x24" and keep(truth.video[cid])}
+    runs = [[c for c in run if c in wanted] for run in truth.runs]
+    with ShardDataset(folder, 1, sequence=k, buckets=["16x24"], select=keep, prefetch=0) as ds:
+        assert ds.clips == len(wanted) and ds.bucket_names == ["16x24"]
+        assert ds.sequences == sum(len(run) // k for run in runs)
+        seen = [cid for batch in take(ds, len(ds)) for seq in batch for cid in seq]
+    assert set(seen) <= wanted and len(seen) == ds.sequences * k
+    with pytest.raises(UserError, match="no clips to train on"):
+        ShardDataset(folder, 1, select=lambda video: False)
+
+
+def test_batch_at_reads_a_fixed_batch_without_moving_the_position(data):
+    folder, _ = data
+    with ShardDataset(folder, 2, seed=3) as ds:
+        first = take(ds, 2)
+        fixed = ds.batch_at(0, 1)["clip_ids"]
+        after = take(ds, 1)
+        assert fixed == first[1] and ds.state_dict()["items_seen"] == 3 * 2
+    with ShardDataset(folder, 2, seed=3) as fresh:
+        assert take(fresh, 3)[2] == after[0]                                   # the prefetched batches came again
+        with pytest.raises(IndexError):
+            fresh.batch_at(0, len(fresh))
+
+
 def test_sequence_windows_function():
     ids = np.array(["b", "a", "a", "a", "b", "a", "a"], dtype=object)
     starts = np.array([4, 8, 0, 4, 0, 20, 12])                  # a: 0 4 8 12 | 20 (gap), b: 0 4
