@@ -407,8 +407,5 @@ def format_summary(r: TrainResult, trainer: _Trainer, device: torch.device) -> s
 
 
 def progress(spec: TrainSpec) -> str:
-    latest = ck.latest_checkpoint(spec.output)
-    if latest is None:
-        return "not started" if not (Path(spec.output) / "metrics.jsonl").exists() else "no checkpoint yet"
-    step = ck.read_meta(latest)["step"]
-    return f"step {step}/{spec.steps}" + (" (done)" if step >= spec.steps else "")
+    """Step of the latest complete checkpoint out of train.steps (for `hpcvid status`)."""
+    return ck.training_progress(spec.output, spec.steps)

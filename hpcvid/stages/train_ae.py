@@ -444,9 +444,5 @@ def format_summary(r: TrainAEResult, trainer: _Trainer, data: str, device: torch
 
 def progress(spec: TrainAESpec) -> str:
     """Step of the latest complete checkpoint out of train_ae.steps (for `hpcvid status`)."""
-    latest = ck.latest_checkpoint(spec.output)
-    if latest is None:
-        return "not started" if not (Path(spec.output) / "metrics.jsonl").exists() else "no checkpoint yet"
-    step = ck.read_meta(latest)["step"]
-    return f"step {step}/{spec.steps}" + (" (done)" if step >= spec.steps else "")
+    return ck.training_progress(spec.output, spec.steps)
 

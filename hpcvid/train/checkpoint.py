@@ -163,6 +163,15 @@ def latest_checkpoint(output: str | Path) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
+def training_progress(output: str | Path, steps: int) -> str:
+    """A training run's progress for `hpcvid status`: the latest complete checkpoint's step out of `steps`."""
+    latest = latest_checkpoint(output)
+    if latest is None:
+        return "not started" if not (Path(output) / "metrics.jsonl").exists() else "no checkpoint yet"
+    step = read_meta(latest)["step"]
+    return f"step {step}/{steps}" + (" (done)" if step >= steps else "")
+
+
 def verified_checkpoints(output: str | Path, warn: Optional[Callable[[str], None]] = None,
                          before: Optional[int] = None) -> Iterator[tuple[int, Path, dict[str, Any]]]:
     """(step, folder, meta) of the verified checkpoints (steps below `before` when given), newest first. Hashing is
