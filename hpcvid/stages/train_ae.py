@@ -11,8 +11,8 @@ draws batches from it; from a pixels prep dataset (source: shards), batches stre
 memory (hpcvid.data.clips.ClipStream) and the data position goes into every checkpoint. The model is wrapped by
 DDP or FSDP2 from outside (hpcvid.parallel.fsdp). A rerun resumes from the latest complete checkpoint in OUTPUT
 and, because every random draw is seeded by (seed, step, rank) and the stream's position is restored, continues
-exactly as the uninterrupted run would have. Rank 0 writes OUTPUT/metrics.jsonl (and the same scalars as TensorBoard events in
-OUTPUT/tensorboard/), checkpoints, train_report.json and curves.png.
+exactly as the uninterrupted run would have. Rank 0 writes OUTPUT/metrics.jsonl (and the same scalars as
+TensorBoard events in OUTPUT/tensorboard/), checkpoints, train_report.json and curves.png.
 
 Safety: a resume trusts only a checkpoint whose files match the sha256 in its meta.json (a damaged one is skipped
 with a warning and the one before it is used). A step whose loss or global gradient norm is not finite is skipped
