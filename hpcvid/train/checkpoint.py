@@ -312,11 +312,7 @@ def load_weights(folder: Path, name: str = "model", device: str | torch.device =
     except Exception as e:                      # SafetensorError derives from Exception only
         raise UserError(f"{path}: cannot read the weights, damaged or not a safetensors file ({type(e).__name__}: "
                         f"{_first_line(e)})") from None
-    bad = nonfinite_tensors(state)
-    if bad:
-        raise UserError(f"{path}: {len(bad)} tensor(s) hold NaN or inf (e.g. {bad[0]}): weights of a diverged run "
-                        f"or a damaged file")
-    return state
+    return _finite(path, state, "weights")
 
 
 def load_state(folder: Path, name: str) -> Any:
@@ -334,9 +330,14 @@ def load_state(folder: Path, name: str) -> Any:
     except Exception as e:                      # a damaged zip or pickle can raise nearly anything
         raise UserError(f"{path}: cannot load, damaged or not a torch file ({type(e).__name__}: "
                         f"{_first_line(e)})") from None
+    return _finite(path, state, "state")
+
+
+def _finite(path: Path, state: Any, what: str) -> Any:
+    """`state` itself, or a UserError naming the file when any of its tensors holds NaN or inf."""
     bad = nonfinite_tensors(state)
     if bad:
-        raise UserError(f"{path}: {len(bad)} tensor(s) hold NaN or inf (e.g. {bad[0]}): state of a diverged run or "
+        raise UserError(f"{path}: {len(bad)} tensor(s) hold NaN or inf (e.g. {bad[0]}): {what} of a diverged run or "
                         f"a damaged file")
     return state
 
