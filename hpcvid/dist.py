@@ -266,6 +266,52 @@ class Comm(abc.ABC):
             out.copy_(buf.view(out.dtype).reshape(out.shape))
         return out
 
+    # ---- the hot path of clip-parallel attention: shapes agreed in advance, so no header message and no pickle
+
+    def exchange_tensor(self, t, peer: int, out, tag: int = 0):
+        """Send `t` to `peer` and fill `out` with what `peer` sends back; both sides call it, each knowing the
+        shape and dtype of what it receives (sizes may differ by direction; a mismatch is the transport's error). The lower rank sends first, so blocking transports cannot deadlock;
+        transports that can do both at once override this. Returns `out`."""
+        send = _as_bytes(t, self.device)
+        recv = _as_bytes(out, self.device) if _fits(out, self.device) else _byte_buffer(out, self.device)
+        if self.rank < peer:
+            self._send_bytes(send, peer, tag)
+            self._recv_bytes(recv, peer, tag)
+        else:
+            self._recv_bytes(recv, peer, tag)
+            self._send_bytes(send, peer, tag)
+        return _fill(out, recv)
+
+    def all_gather_tensor(self, t):
+        """(world_size, *t.shape): every rank's `t` (same shape and dtype on every rank), stacked in rank order."""
+        torch = _torch()
+        parts = self.all_gather(t.detach().cpu())
+        return torch.stack(parts).to(t.device)
+
+
+def _fits(t, device) -> bool:
+    """Can a transport read and write `t`'s memory directly (contiguous, on its device)?"""
+    torch = _torch()
+    return t.is_contiguous() and t.device == torch.device(device)
+
+
+def _as_bytes(t, device):
+    """A flat uint8 view of `t` on `device` (a copy only when it is elsewhere or not contiguous)."""
+    return t.detach().contiguous().to(device).reshape(-1).view(_torch().uint8)
+
+
+def _byte_buffer(like, device):
+    """A flat uint8 buffer on `device` the size of `like`."""
+    return _torch().empty(like.numel() * like.element_size(), dtype=_torch().uint8, device=device)
+
+
+def _fill(out, received):
+    """Copy `received` (flat uint8) into `out` unless it already is out's memory; returns `out`."""
+    if received.data_ptr() != out.data_ptr():
+        with _torch().no_grad():
+            out.copy_(received.view(out.dtype).reshape(out.shape))
+    return out
+
 
 class LocalComm(Comm):
     """The one-rank world: collectives return their input; there is nobody to send to."""
@@ -357,6 +403,22 @@ class MPIComm(Comm):
             t.copy_(torch.from_numpy(host))
 
 
+    def exchange_tensor(self, t, peer: int, out, tag: int = 0):
+        """One MPI Sendrecv: both directions at once."""
+        send = _as_bytes(t, "cpu")
+        recv = _as_bytes(out, "cpu") if _fits(out, "cpu") else _byte_buffer(out, "cpu")
+        self.comm.Sendrecv(send.numpy(), dest=peer, sendtag=tag, recvbuf=recv.numpy(), source=peer, recvtag=tag)
+        return _fill(out, recv)
+
+    def all_gather_tensor(self, t):
+        """MPI Allgather of raw bytes (any dtype, bfloat16 too)."""
+        torch = _torch()
+        send = _as_bytes(t, "cpu")
+        recv = torch.empty((self.world_size, send.numel()), dtype=torch.uint8)
+        self.comm.Allgather(send.numpy(), recv.numpy())
+        return recv.view(t.dtype).reshape(self.world_size, *t.shape).to(t.device)
+
+
 class TorchComm(Comm):
     """The initialised torch.distributed default group (gloo on CPU, NCCL on GPU)."""
 
@@ -398,6 +460,26 @@ class TorchComm(Comm):
         payload = torch.empty(int(size.item()), dtype=torch.uint8, device=self.device)
         self._recv_bytes(payload, source, tag)
         return pickle.loads(payload.cpu().numpy().tobytes())
+
+    def exchange_tensor(self, t, peer: int, out, tag: int = 0):
+        """A non-blocking send and receive posted together (NCCL needs both to be in flight at once)."""
+        dist = self._dist
+        send = t.detach().to(self.device).contiguous()
+        recv = out if _fits(out, self.device) else _torch().empty(out.shape, dtype=out.dtype, device=self.device)
+        ops = [dist.P2POp(dist.isend, send, peer, tag=tag), dist.P2POp(dist.irecv, recv, peer, tag=tag)]
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+        if recv is not out:
+            with _torch().no_grad():
+                out.copy_(recv)
+        return out
+
+    def all_gather_tensor(self, t):
+        torch = _torch()
+        send = t.detach().to(self.device).contiguous()
+        recv = torch.empty((self.world_size * send.numel(),), dtype=t.dtype, device=self.device)   # gloo: flat
+        self._dist.all_gather_into_tensor(recv, send.reshape(-1))
+        return recv.view(self.world_size, *t.shape).to(t.device)
 
     def _send_bytes(self, t, dest: int, tag: int) -> None:
         self._dist.send(t.to(self.device), dst=dest, tag=tag)

@@ -5,7 +5,7 @@ Models enter only as callables (velocity_fn(x, t, factor)); this package imports
 """
 from hpcvid.flow.pyramid import (FLOW_KINDS, PyramidalFlow, StageBatch, block_noise, default_windows, down,
                                  jump_coefficients, make_flow, text_dropout_mask, up2)
-from hpcvid.flow.sampler import combine_guidance, sample
+from hpcvid.flow.sampler import KnownFrames, combine_guidance, sample
 
-__all__ = ["FLOW_KINDS", "PyramidalFlow", "StageBatch", "block_noise", "combine_guidance", "default_windows", "down",
+__all__ = ["FLOW_KINDS", "KnownFrames", "PyramidalFlow", "StageBatch", "block_noise", "combine_guidance", "default_windows", "down",
            "jump_coefficients", "make_flow", "sample", "text_dropout_mask", "up2"]
