@@ -44,8 +44,11 @@ def _parser() -> argparse.ArgumentParser:
                             "without the data; the stages still run them when they start")
     for stage in STAGES.values():
         p = with_spec(stage.command, stage.help)
-        if stage.name == "sample":
+        if stage.name in ("sample", "render"):
             p.add_argument("--prompt", help="the text to render (verbatim: quotes, unicode and newlines stay)")
+        if stage.name == "render":
+            p.add_argument("--prompts", metavar="FILE", help="many videos: one prompt per line, or JSONL with "
+                                                            "segment prompts and images (docs/rendering.md)")
     submit = sub.add_parser("submit", help="submit a pipeline of stages (jobs/pipeline_*.yaml)")
     submit.add_argument("pipeline", metavar="PIPELINE.yaml")
     submit.add_argument("--cluster", default="slurm", choices=["slurm", "local", "processes", "debug"],
@@ -103,7 +106,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     stages = {stage.command: stage.name for stage in STAGES.values()}
     if args.command in stages:
-        return _run_stage(stages[args.command], args.job, args.overrides, getattr(args, "prompt", None))
+        verbatim = {key: getattr(args, key) for key in ("prompt", "prompts") if getattr(args, key, None) is not None}
+        return _run_stage(stages[args.command], args.job, args.overrides, verbatim)
     if args.command == "check":
         job: JobSpec = load_job(args.job, args.overrides)
         if not args.spec_only:
@@ -141,9 +145,10 @@ def _launch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_stage(stage: str, job_path: str, overrides: list[str], prompt: Optional[str] = None) -> int:
+def _run_stage(stage: str, job_path: str, overrides: list[str], verbatim: Optional[dict[str, str]] = None) -> int:
     """Run a stage on this rank (hpcvid.stages.runner); a spec refused at start is printed once, by rank 0.
-    `prompt` replaces sample.prompt as it is (not through YAML, which would read 'a: b' as a mapping)."""
+    `verbatim` (--prompt, --prompts) replaces those keys of the stage's section as they are (not through YAML,
+    which would read 'a: b' as a mapping)."""
     import dataclasses
 
     from hpcvid.dist import Env
@@ -151,8 +156,9 @@ def _run_stage(stage: str, job_path: str, overrides: list[str], prompt: Optional
 
     def load() -> JobSpec:
         job = load_job(job_path, overrides)
-        if prompt is not None and job.sample is not None:
-            job = dataclasses.replace(job, sample=dataclasses.replace(job.sample, prompt=prompt))
+        section = getattr(job, stage, None)
+        if verbatim and section is not None:
+            job = dataclasses.replace(job, **{stage: dataclasses.replace(section, **verbatim)})
         return job
 
     try:

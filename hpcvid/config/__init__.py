@@ -21,11 +21,11 @@ from hpcvid.config.loader import (EXIT_PREEMPTED, EXIT_RUN_STOPPED, EXIT_USER_ER
                                   parse_spec, read_yaml, to_dict)
 from hpcvid.config.preflight import STAGE_SECTIONS, preflight
 from hpcvid.config.specs import (AEDataSpec, AELossSpec, AEModelSpec, ClipSpec, DiTModelSpec, EncoderSpec, EvalAESpec,
-                                 FlowSpec, JobSpec, ManifestSpec, PrepSpec, SampleSpec, SelftestSpec, ShardSpec, TextSpec,
-                                 TrainAESpec, TrainDataSpec, TrainSpec, load_job)
+                                 FlowSpec, JobSpec, ManifestSpec, PrepSpec, RenderSpec, SampleSpec, ScopeSpec,
+                                 SelftestSpec, ShardSpec, TextSpec, TrainAESpec, TrainDataSpec, TrainSpec, load_job)
 
 __all__ = ["EXIT_PREEMPTED", "Preempted", "AEDataSpec", "AELossSpec", "AEModelSpec", "ClipSpec", "DiTModelSpec", "FlowSpec", "TrainDataSpec",
-           "TrainSpec", "SampleSpec", "EXIT_RUN_STOPPED", "EXIT_USER_ERROR", "EncoderSpec",
+           "TrainSpec", "SampleSpec", "RenderSpec", "ScopeSpec", "EXIT_RUN_STOPPED", "EXIT_USER_ERROR", "EncoderSpec",
            "EvalAESpec", "JobSpec", "ManifestSpec", "PrepSpec", "RunStopped", "STAGE_SECTIONS", "SelftestSpec",
            "ShardSpec", "SpecError", "StrictLoader", "TextSpec", "TrainAESpec", "UserError", "_ValueProblem",
            "_positive_or_none", "apply_override", "digest", "error_line", "load_job", "name_source", "parse_spec",

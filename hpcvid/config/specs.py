@@ -401,6 +401,61 @@ class SampleSpec:
         yield _Need(f"{at}.output", self.output, "out", "output folder")
 
 
+@dataclass(frozen=True)
+class ScopeSpec:
+    """Dual-scope attention across windows and ranks (METHODS.md §4), counted in the model's frames: keyframes for
+    the keyframe model, latent frames (frames_per_clip per clip) for the motion model. Defaults: the paper's."""
+    local_frames: int = _num(8, ge=0, le=_MAX_FRAMES)     # p: each frame attends to the frames within +-p
+    global_frames: int = _num(16, ge=0, le=_MAX_FRAMES)   # k: frames every frame attends to, picked over all ranks
+    bias: float = _num(10.0, ge=-100, le=100)             # b: added to global logits early, to local ones late
+    global_until: float = _num(0.2, ge=0, le=1)           # flow t (0 = noise) up to which the global keys get it
+    length_scaling: bool = False                          # logits x log(keys) / log(trained window length)
+
+
+@dataclass(frozen=True)
+class RenderSpec:
+    """Long videos from prompts (docs/rendering.md): the keyframe video across all ranks with clip-parallel
+    dual-scope attention, then every rank the motion of its own clips, decoded into its own segments, which rank 0
+    joins into one mp4 with a report and a contact sheet. Finished work is kept: a rerun renders what is missing."""
+    keyframe: str                                 # train output folders (their newest verified checkpoints, EMA
+    motion: str                                   # weights) or step folders
+    autoencoder: str                              # the train_ae output whose latents the motion model learned
+    output: str                                   # one folder per video under it
+    prompt: str = "a red circle moving right on a blue gradient"   # one video; --prompt sets it verbatim
+    prompts: Optional[str] = None                 # a file of many: one prompt per line, or JSONL (docs/rendering.md)
+    image: Optional[str] = None                   # a picture that becomes the first keyframe (image-to-video)
+    clips: int = _num(144, gt=0, le=_MAX_COUNT)   # clips per video; 144 clips of 16 frames = 2,304 frames
+    segment_clips: int = _num(16, gt=0, le=_MAX_COUNT)   # clips per segment file: the unit of resume
+    mode: Literal["parallel", "sequential"] = "parallel"   # sequential: the sliding-window baseline on one rank
+    overlap: int = _num(1, ge=0, le=_MAX_FRAMES)  # sequential: keyframes (clips) a window shares with the last
+    steps: int = _num(10, gt=0, le=10000)         # Euler steps per pyramid stage
+    guidance: float = _num(3.0, ge=0, le=100)     # classifier-free guidance scale (1: none)
+    seed: int = _num(0, ge=0, le=2 ** 63 - 1)
+    keyframe_scope: ScopeSpec = field(default_factory=ScopeSpec)
+    motion_scope: ScopeSpec = field(default_factory=ScopeSpec)
+    decode_batch: int = _num(4, gt=0, le=_MAX_CLIP_BATCH)   # clips decoded at once
+    comm: Literal["mpi", "torch"] = "mpi"         # the exchanges: mpi4py, or torch.distributed (NCCL on GPUs)
+    text: TextSpec = field(default_factory=TextSpec)   # must be the encoder the DiTs' dataset used
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: Optional[int] = _num(None, gt=0, le=_MAX_THREADS)
+    progress: bool = True
+
+    def validate(self, at: str) -> None:
+        if self.prompts is not None and self.image is not None:
+            raise _ValueProblem(f"{at}.image", "applies to the single prompt; give each prompt file entry its own "
+                                               "\"image\" (JSONL) instead")
+
+    def needs(self, at: str) -> Iterator[_Need]:
+        for key in ("keyframe", "motion", "autoencoder"):
+            yield _Need(f"{at}.{key}", getattr(self, key), "dir", "training output or checkpoint folder")
+        if self.prompts is not None:
+            yield _Need(f"{at}.prompts", self.prompts, "file", "prompt file")
+        if self.image is not None:
+            yield _Need(f"{at}.image", self.image, "file", "image file")
+        yield from self.text.needs(f"{at}.text")
+        yield _Need(f"{at}.output", self.output, "out", "output folder")
+
+
 def _stage_section() -> Any:
     """A stage's section of a job file: absent is fine, present with nothing under it (`prep:`) is a mistake."""
     return field(default=None, metadata={"null": "refused"})
@@ -415,6 +470,7 @@ class JobSpec:
     eval_ae: Optional[EvalAESpec] = _stage_section()
     train: Optional[TrainSpec] = _stage_section()
     sample: Optional[SampleSpec] = _stage_section()
+    render: Optional[RenderSpec] = _stage_section()
 
     def validate(self, at: str) -> None:
         if all(getattr(self, f.name) is None for f in dataclasses.fields(self)):

@@ -356,3 +356,46 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float, codec: str = "li
             container.mux(stream.encode())  # flush delayed frames
 
     atomic_write_with(path, encode, keep_suffix=True)     # the suffix tells ffmpeg the container format
+
+
+def join_mp4(parts: Sequence[str | Path], path: str | Path) -> int:
+    """Concatenate mp4 files made by one encoder setting into `path` by copying their packets: no re-encoding (no
+    second generation of loss), one packet in memory at a time; atomic. Returns the number of video packets.
+
+    The parts must agree on codec, size, time base and codec headers (x264's SPS/PPS), or a decoder could misread
+    the later ones: ValueError naming the first part that differs. Timestamps are shifted by the parts before.
+    """
+    import av
+
+    if not parts:
+        raise ValueError("join_mp4: no parts to join")
+    count = 0
+
+    def copy(tmp: Path) -> None:
+        nonlocal count
+        with av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"}) as out:
+            stream, first, offset = None, None, 0
+            for part in parts:
+                with av.open(str(part)) as src:
+                    video = src.streams.video[0]
+                    cc = video.codec_context
+                    key = (cc.name, cc.width, cc.height, cc.pix_fmt, video.time_base, bytes(cc.extradata or b""))
+                    if stream is None:
+                        stream, first = out.add_stream_from_template(video), key
+                    elif key != first:
+                        raise ValueError(f"join_mp4: {part} was encoded differently from {parts[0]} "
+                                         f"({key[:5]} vs {first[:5]}, same headers: {key[5] == first[5]})")
+                    end = offset
+                    for packet in src.demux(video):
+                        if packet.dts is None:          # the demuxer's end-of-stream marker
+                            continue
+                        packet.pts += offset
+                        packet.dts += offset
+                        end = max(end, packet.pts + packet.duration)
+                        packet.stream = stream
+                        out.mux(packet)
+                        count += 1
+                    offset = end
+
+    atomic_write_with(Path(path), copy, keep_suffix=True)
+    return count

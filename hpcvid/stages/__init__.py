@@ -48,6 +48,8 @@ STAGES: dict[str, StageInfo] = {s.name: s for s in (
               help="train a keyframe or motion DiT with (pyramidal) flow matching on a prep dataset, resumable"),
     StageInfo("sample", "hpcvid.stages.sample", comm="mpi", array=False, trains=False,
               help="one short video from a prompt: keyframes, then each clip's motion, decoded to an mp4"),
+    StageInfo("render", "hpcvid.stages.render", comm="mpi", array=True, trains=False,
+              help="long videos over MPI ranks: clip-parallel keyframes, each rank its clips' motion, one mp4"),
 )}
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -54,17 +54,20 @@ def load_dit(path: str, kind: str, device: torch.device) -> tuple[DiT, dict[str,
     return model.to(device).eval(), {**meta, "folder": str(folder)}
 
 
-def _flow_of(meta: dict[str, Any]):
+def flow_of(meta: dict[str, Any]):
     flow = meta["spec"]["flow"]
     return make_flow(flow["kind"], num_stages=flow["stages"] if flow["kind"] == "pyramidal" else None)
 
 
-def _velocity(model: DiT, text: torch.Tensor, mask: torch.Tensor, guidance: float,
-              cond: Optional[MotionCond] = None):
-    """The guided velocity the sampler integrates: uncond + guidance (cond - uncond)."""
+def guided_velocity(model: DiT, text: torch.Tensor, mask: torch.Tensor, guidance: float,
+                    cond: Optional[MotionCond] = None, before: Optional[Callable[[torch.Tensor], None]] = None):
+    """The guided velocity the sampler integrates: uncond + guidance (cond - uncond). before(t) runs ahead of the
+    model calls (clip parallelism reads the step's time there)."""
     empty = torch.zeros_like(mask)
 
     def velocity(x: torch.Tensor, t: torch.Tensor, factor: int) -> torch.Tensor:
+        if before is not None:
+            before(t)
         with_text = model(x, t, text, mask, cond, spatial_factor=factor)
         if guidance == 1.0:
             return with_text
@@ -73,7 +76,7 @@ def _velocity(model: DiT, text: torch.Tensor, mask: torch.Tensor, guidance: floa
     return velocity
 
 
-def _trained_shape(meta: dict[str, Any], what: str) -> list[int]:
+def trained_shape(meta: dict[str, Any], what: str) -> list[int]:
     shape = meta.get("sample_shape")
     if not shape:
         raise UserError(f"{meta['folder']}: sample: its meta.json does not record the shape it was trained on "
@@ -108,13 +111,13 @@ def run(spec: SampleSpec, env: Env, comm: Optional[Comm] = None) -> SampleResult
     text, mask = states.float().to(device), mask.to(device)
     generator = torch.Generator().manual_seed(spec.seed)
 
-    _, _, H, W = _trained_shape(kmeta, "keyframes")                           # (3, K_train, H, W)
+    _, _, H, W = trained_shape(kmeta, "keyframes")                           # (3, K_train, H, W)
     K = spec.clips
-    frames = sample(_flow_of(kmeta), _velocity(keyframe, text, mask, spec.guidance), (1, 3, K, H, W),
+    frames = sample(flow_of(kmeta), guided_velocity(keyframe, text, mask, spec.guidance), (1, 3, K, H, W),
                     steps=spec.steps, generator=generator, device=device).clamp(-1, 1)   # (1, 3, K, H, W)
-    C, Tk, h, w = _trained_shape(mmeta, "motion latents")                      # (C, K_train T', h, w)
+    C, Tk, h, w = trained_shape(mmeta, "motion latents")                      # (C, K_train T', h, w)
     Tp = motion.config.frames_per_clip
-    latents = sample(_flow_of(mmeta), _velocity(motion, text, mask, spec.guidance, MotionCond(frames)),
+    latents = sample(flow_of(mmeta), guided_velocity(motion, text, mask, spec.guidance, MotionCond(frames)),
                      (1, C, K * Tp, h, w), steps=spec.steps, generator=generator, device=device)   # (1, C, K T', h, w)
     clips = []
     for k in range(K):
