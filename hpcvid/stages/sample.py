@@ -54,6 +54,25 @@ def load_dit(path: str, kind: str, device: torch.device) -> tuple[DiT, dict[str,
     return model.to(device).eval(), {**meta, "folder": str(folder)}
 
 
+def load_trained(spec: Any, device: torch.device, section: str) -> tuple:
+    """What a sample or render spec names: (keyframe DiT, its meta, motion DiT, its meta, the Reducio config, the
+    Reducio-VAE, its meta, the text encoder), checked to fit together (UserError naming `section`'s key)."""
+    from hpcvid.stages.encoders import load_text_encoder
+    from hpcvid.train.autoencoder import load_autoencoder
+
+    keyframe, kmeta = load_dit(spec.keyframe, "keyframe", device)
+    motion, mmeta = load_dit(spec.motion, "motion", device)
+    kind, acfg, autoencoder, ameta = load_autoencoder(spec.autoencoder, device)
+    if kind != "reducio":
+        raise UserError(f"{spec.autoencoder}: {section}.autoencoder: the motion model decodes with a Reducio-VAE, "
+                        f"this is {kind!r}")
+    encoder = load_text_encoder(spec.text, str(device))
+    if encoder is None or encoder.dim != keyframe.config.text_dim:
+        raise UserError(f"{section}.text: the DiTs take {keyframe.config.text_dim}-dim token states; text.encoder "
+                        f"{spec.text.encoder!r} gives {None if encoder is None else encoder.dim}")
+    return keyframe, kmeta, motion, mmeta, acfg, autoencoder, ameta, encoder
+
+
 def flow_of(meta: dict[str, Any]):
     flow = meta["spec"]["flow"]
     return make_flow(flow["kind"], num_stages=flow["stages"] if flow["kind"] == "pyramidal" else None)
@@ -87,8 +106,6 @@ def trained_shape(meta: dict[str, Any], what: str) -> list[int]:
 @torch.no_grad()
 def run(spec: SampleSpec, env: Env, comm: Optional[Comm] = None) -> SampleResult:
     from hpcvid.data.video import write_mp4
-    from hpcvid.stages.encoders import load_text_encoder
-    from hpcvid.train.autoencoder import load_autoencoder
     from hpcvid.train.pictures import contact_sheet, write_png
 
     start = time.time()
@@ -97,16 +114,7 @@ def run(spec: SampleSpec, env: Env, comm: Optional[Comm] = None) -> SampleResult
     if not env.is_main:                  # one video: the other ranks of an accidental multi-rank launch idle
         return SampleResult(str(out), "", "", 0, 0.0, 0.0, "")
     device = pick_device(spec.device, env)
-    keyframe, kmeta = load_dit(spec.keyframe, "keyframe", device)
-    motion, mmeta = load_dit(spec.motion, "motion", device)
-    kind, _, autoencoder, ameta = load_autoencoder(spec.autoencoder, device)
-    if kind != "reducio":
-        raise UserError(f"{spec.autoencoder}: sample.autoencoder: the motion model decodes with a Reducio-VAE, this "
-                        f"is {kind!r}")
-    encoder = load_text_encoder(spec.text, str(device))
-    if encoder is None or encoder.dim != keyframe.config.text_dim:
-        raise UserError(f"sample.text: the DiTs take {keyframe.config.text_dim}-dim token states; text.encoder "
-                        f"{spec.text.encoder!r} gives {None if encoder is None else encoder.dim}")
+    keyframe, kmeta, motion, mmeta, _, autoencoder, ameta, encoder = load_trained(spec, device, "sample")
     states, mask = encoder([spec.prompt])                                   # (1, L, D), (1, L)
     text, mask = states.float().to(device), mask.to(device)
     generator = torch.Generator().manual_seed(spec.seed)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))      # helpers, also un
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # conftest's child_env
 from clip_parallel_worker import CASES, RUNS, T  # noqa: E402
 from conftest import child_env  # noqa: E402
-from dit_helpers import make_dit_dataset, train_job  # noqa: E402
+from dit_helpers import train_job  # noqa: E402
 from dual_scope_reference import reference_dual_scope  # noqa: E402
 from prep_helpers import assert_cli_ok  # noqa: E402
 
@@ -54,13 +54,13 @@ def test_dual_scope_over_two_ranks_equals_the_single_process_statement(tmp_path,
 # ---------------------------------------------------------------------------------------------------- the stage
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, run_cli):
+def models(dit_dataset, tmp_path_factory, run_cli):
     """Tiny keyframe and motion DiTs (2 steps: plumbing, not quality) on a real latent dataset, and its Reducio."""
-    data = make_dit_dataset(tmp_path_factory.mktemp("render"), run_cli)
+    root = tmp_path_factory.mktemp("render-models")
     for kind in ("keyframe", "motion"):
-        job = train_job(data["root"] / f"{kind}.yaml", data, data["root"] / kind, kind=kind, steps=2)
+        job = train_job(root / f"{kind}.yaml", dit_dataset, root / kind, kind=kind, steps=2)
         assert_cli_ok(run_cli(["train", job]))
-    return data
+    return {**dit_dataset, "root": root}
 
 
 def render_job(path: Path, models: dict, output: Path, **changes) -> Path:
@@ -136,12 +136,16 @@ def test_a_killed_rank_is_finished_by_a_rerun_that_redoes_nothing_complete(tmp_p
     assert killed and proc.returncode != 0
     folder = only_video(tmp_path / "out")
     assert not (folder / "video.mp4").exists()
-    before = {p.name: p.stat().st_mtime_ns for p in (folder / "segments").glob("*.mp4")} if (
-        folder / "segments").exists() else {}
+    def files(pattern):
+        return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.glob(pattern)}
+
+    before, made = files("segments/*.mp4"), files("*/*.npy")
+    assert made                                             # keyframes and rank 0's motion survived the kill
     res = run_cli(["render", job], launcher=[mpiexec, "-n", "2"])
     assert_cli_ok(res)
-    after = {p.name: p.stat().st_mtime_ns for p in (folder / "segments").glob("*.mp4")}
+    after = files("segments/*.mp4")
     assert len(after) == 16 and all(after[name] == mtime for name, mtime in before.items())
+    assert all(files("*/*.npy")[name] == mtime for name, mtime in made.items())   # kept, not rewritten
     report = json.loads((folder / "report.json").read_text())
     assert report["resumed"] and report["per_rank"][0]["phases"]["keyframes"]["source"] == "kept"
     assert sum(r["segments_rendered"] for r in report["per_rank"]) == 16 - len(before)
@@ -189,3 +193,16 @@ def test_image_to_video_sequential_baseline_and_a_changed_render(tmp_path, model
     assert report["mode"] == "sequential" and report["frames"] == 64 and report["ranks"] == 1
     res = run_cli(["render", job, "--set", "render.seed=5"])
     assert res.returncode == 2 and "holds another render (seed: 0 there, 5 now)" in res.stderr
+
+
+def test_the_render_stage_job_pickles(tmp_path, models):
+    import pickle
+
+    from hpcvid.config import load_job, to_dict
+    from hpcvid.launch.job import StageJob
+    from hpcvid.stages import get_stage
+
+    spec = load_job(render_job(tmp_path / "job.yaml", models, tmp_path / "out")).render
+    job = StageJob("render", to_dict(spec), str(tmp_path / "runs"))
+    assert pickle.loads(pickle.dumps(job)).spec == job.spec
+    assert get_stage("render").array and get_stage("render").comm == "mpi"

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # prep_helpers, also under --import-mode=importlib
-from dit_helpers import make_dit_dataset, train_job
+from dit_helpers import train_job
 from prep_helpers import assert_cli_ok
 
 from hpcvid.config import EXIT_PREEMPTED, load_job
@@ -33,8 +33,8 @@ def losses(folder: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory, run_cli):
-    return make_dit_dataset(tmp_path_factory.mktemp("dit"), run_cli)
+def dataset(dit_dataset):
+    return dit_dataset
 
 
 def test_keyframe_loss_falls_and_outputs_exist(tmp_path, dataset, run_cli):

@@ -144,7 +144,7 @@ def test_merge_keys_may_be_overridden_and_set_values_are_strict(tmp_path):
 @pytest.mark.parametrize("text", ["", "\n\n", "# only\n# comments\n"])
 def test_empty_file_is_refused(tmp_path, text):
     with pytest.raises(SpecError, match=r"job.yaml: no stage section \(the file is empty or only comments\); "
-                                         r"add one of prep:, selftest:, train_ae:, eval_ae:, train:, sample:$"):
+                                         r"add one of prep:, selftest:, train_ae:, eval_ae:, train:, sample:, render:$"):
         load_job(write(tmp_path, text))
 
 
@@ -319,7 +319,7 @@ def test_preflight_inputs_made_by_another_section_only_when_checking_the_whole_j
     preflight(job, "job.yaml", "train_ae")
     with pytest.raises(SpecError, match="job.yaml: prep: missing"):
         preflight(job, "job.yaml", "prep")
-    assert STAGE_SECTIONS == ("prep", "selftest", "train_ae", "eval_ae", "train", "sample")
+    assert STAGE_SECTIONS == ("prep", "selftest", "train_ae", "eval_ae", "train", "sample", "render")
 
 
 def test_preflight_of_a_reparsed_section(here):
