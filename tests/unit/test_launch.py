@@ -142,7 +142,7 @@ def json_str(text: str) -> str:
     return json.dumps(text)
 
 
-@pytest.mark.parametrize("name", ["quickstart", "selftest"])
+@pytest.mark.parametrize("name", ["quickstart", "selftest", "render"])
 def test_committed_sbatch_scripts_are_in_sync(tmp_path, name, monkeypatch):
     monkeypatch.chdir(ROOT)
     fresh = render_pipeline(f"jobs/pipeline_{name}.yaml", tmp_path / name)
