@@ -140,7 +140,7 @@ class VideoJob:
         self.text, self.mask = states.float().to(models.device), mask.to(models.device)
         self.image = None if request.image is None else _image(request.image, models.size).to(models.device)
         seed = spec.seed if request.seed is None else request.seed
-        self.generator = torch.Generator().manual_seed(seed * 1_000_003 + self.first)   # per run of clips
+        self.generator = torch.Generator().manual_seed((seed * 1_000_003 + self.first) % 2 ** 63)   # per run
 
     def _prompts(self, starts) -> tuple[torch.Tensor, torch.Tensor]:
         idx = [self.request.prompt_of(s, self.plan.clips) for s in starts]
