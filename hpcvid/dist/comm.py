@@ -9,7 +9,7 @@ import pickle
 import socket
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -104,12 +104,14 @@ class Comm(abc.ABC):
             out.copy_(buf.view(out.dtype).reshape(out.shape))
         return out
 
-    # ---- the hot path of clip-parallel attention: shapes agreed in advance, so no header message and no pickle
+    # ---- the hot path of clip-parallel attention: shapes agreed in advance, no header message, no pickle; started
+    # without waiting, so that a caller can compute while the bytes travel
 
-    def exchange_tensor(self, t, peer: int, out, tag: int = 0):
-        """Send `t` to `peer` and fill `out` with what `peer` sends back; both sides call it, each knowing the
-        shape and dtype of what it receives (sizes may differ by direction; a mismatch is the transport's error). The lower rank sends first, so blocking transports cannot deadlock;
-        transports that can do both at once override this. Returns `out`."""
+    def start_exchange(self, t, peer: int, out, tag: int = 0) -> "Pending":
+        """Send `t` to `peer` and receive into `out` what `peer` sends back; both sides call it, each knowing the
+        shape and dtype of what it receives (sizes may differ by direction; a mismatch is the transport's error).
+        This blocking fallback exchanges now (the lower rank sends first, so it cannot deadlock); transports with
+        non-blocking calls override it. `.wait()` returns `out`."""
         send = _as_bytes(t, self.device)
         recv = _as_bytes(out, self.device) if _fits(out, self.device) else _byte_buffer(out, self.device)
         if self.rank < peer:
@@ -118,13 +120,34 @@ class Comm(abc.ABC):
         else:
             self._recv_bytes(recv, peer, tag)
             self._send_bytes(send, peer, tag)
-        return _fill(out, recv)
+        return Pending(lambda: _fill(out, recv))
+
+    def start_all_gather(self, t) -> "Pending":
+        """Every rank's `t` (same shape and dtype everywhere); `.wait()` returns them stacked, (world, *t.shape)."""
+        torch = _torch()
+        parts = torch.stack(self.all_gather(t.detach().cpu())).to(t.device)
+        return Pending(lambda: parts)
+
+    def exchange_tensor(self, t, peer: int, out, tag: int = 0):
+        """`start_exchange` and wait for it; returns `out`."""
+        return self.start_exchange(t, peer, out, tag).wait()
 
     def all_gather_tensor(self, t):
-        """(world_size, *t.shape): every rank's `t` (same shape and dtype on every rank), stacked in rank order."""
-        torch = _torch()
-        parts = self.all_gather(t.detach().cpu())
-        return torch.stack(parts).to(t.device)
+        """`start_all_gather` and wait for it: (world_size, *t.shape) in rank order."""
+        return self.start_all_gather(t).wait()
+
+
+class Pending:
+    """Communication in flight: `wait()` finishes it (once) and returns its result. `keep`: buffers the transport
+    reads or writes until then (a non-blocking send must not see its buffer freed)."""
+
+    def __init__(self, finish: Callable[[], Any], keep: tuple = ()):
+        self._finish, self._keep, self._done, self._result = finish, keep, False, None
+
+    def wait(self) -> Any:
+        if not self._done:
+            self._result, self._done, self._keep = self._finish(), True, ()
+        return self._result
 
 
 def _fits(t, device) -> bool:
@@ -241,20 +264,31 @@ class MPIComm(Comm):
             t.copy_(torch.from_numpy(host))
 
 
-    def exchange_tensor(self, t, peer: int, out, tag: int = 0):
-        """One MPI Sendrecv: both directions at once."""
+    def start_exchange(self, t, peer: int, out, tag: int = 0) -> Pending:
+        """MPI Isendrecv: both directions at once, in flight until wait()."""
         send = _as_bytes(t, "cpu")
         recv = _as_bytes(out, "cpu") if _fits(out, "cpu") else _byte_buffer(out, "cpu")
-        self.comm.Sendrecv(send.numpy(), dest=peer, sendtag=tag, recvbuf=recv.numpy(), source=peer, recvtag=tag)
-        return _fill(out, recv)
+        request = self.comm.Isendrecv(send.numpy(), dest=peer, sendtag=tag, recvbuf=recv.numpy(), source=peer,
+                                      recvtag=tag)
 
-    def all_gather_tensor(self, t):
-        """MPI Allgather of raw bytes (any dtype, bfloat16 too)."""
+        def finish():
+            request.Wait()
+            return _fill(out, recv)
+
+        return Pending(finish, keep=(send, recv))
+
+    def start_all_gather(self, t) -> Pending:
+        """MPI Iallgather of raw bytes (any dtype, bfloat16 too)."""
         torch = _torch()
         send = _as_bytes(t, "cpu")
         recv = torch.empty((self.world_size, send.numel()), dtype=torch.uint8)
-        self.comm.Allgather(send.numpy(), recv.numpy())
-        return recv.view(t.dtype).reshape(self.world_size, *t.shape).to(t.device)
+        request = self.comm.Iallgather(send.numpy(), recv.numpy())
+
+        def finish():
+            request.Wait()
+            return recv.view(t.dtype).reshape(self.world_size, *t.shape).to(t.device)
+
+        return Pending(finish, keep=(send, recv))
 
 
 class TorchComm(Comm):
@@ -299,25 +333,35 @@ class TorchComm(Comm):
         self._recv_bytes(payload, source, tag)
         return pickle.loads(payload.cpu().numpy().tobytes())
 
-    def exchange_tensor(self, t, peer: int, out, tag: int = 0):
+    def start_exchange(self, t, peer: int, out, tag: int = 0) -> Pending:
         """A non-blocking send and receive posted together (NCCL needs both to be in flight at once)."""
         dist = self._dist
         send = t.detach().to(self.device).contiguous()
         recv = out if _fits(out, self.device) else _torch().empty(out.shape, dtype=out.dtype, device=self.device)
-        ops = [dist.P2POp(dist.isend, send, peer, tag=tag), dist.P2POp(dist.irecv, recv, peer, tag=tag)]
-        for request in dist.batch_isend_irecv(ops):
-            request.wait()
-        if recv is not out:
-            with _torch().no_grad():
-                out.copy_(recv)
-        return out
+        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, send, peer, tag=tag),
+                                        dist.P2POp(dist.irecv, recv, peer, tag=tag)])
 
-    def all_gather_tensor(self, t):
+        def finish():
+            for work in works:
+                work.wait()
+            if recv is not out:
+                with _torch().no_grad():
+                    out.copy_(recv)
+            return out
+
+        return Pending(finish, keep=(send, recv))
+
+    def start_all_gather(self, t) -> Pending:
         torch = _torch()
-        send = t.detach().to(self.device).contiguous()
+        send = t.detach().to(self.device).contiguous().reshape(-1)
         recv = torch.empty((self.world_size * send.numel(),), dtype=t.dtype, device=self.device)   # gloo: flat
-        self._dist.all_gather_into_tensor(recv, send.reshape(-1))
-        return recv.view(self.world_size, *t.shape).to(t.device)
+        work = self._dist.all_gather_into_tensor(recv, send, async_op=True)
+
+        def finish():
+            work.wait()
+            return recv.view(self.world_size, *t.shape).to(t.device)
+
+        return Pending(finish, keep=(send, recv))
 
     def _send_bytes(self, t, dest: int, tag: int) -> None:
         self._dist.send(t.to(self.device), dst=dest, tag=tag)

@@ -16,10 +16,12 @@ ranks, as dual-scope attention over the whole sequence:
                 scaled by log(its keys) / log(window length), the key count the model was trained with.
 
 Per temporal layer and model call a rank sends the keys and values of 2p + g frames, whatever the video's length
-(`ClipParallel.stats` counts bytes and seconds). Three rounds, each rank talking to one peer at a time: all-gather
+(`ClipParallel.stats` counts bytes and seconds). Three rounds, each rank talking to one peer per round: all-gather
 the global frames; odd ranks swap boundaries with rank + 1 (pairs 1-2, 3-4, ...); even ranks with rank + 1 (0-1,
-2-3, ...). Attention is computed window by window against that window's +-p neighbourhood and the global frames,
-so memory grows with a rank's frames, never with the whole video's.
+2-3, ...). They are posted non-blocking right after the keys and values are projected, and travel while the rank
+computes its queries and the logits against its own frames; the softmax then runs once over all keys. Attention
+is computed window by window against that window's +-p neighbourhood and the global frames, so memory grows with
+a rank's frames, never with the whole video's.
 
     handle = clip_parallel(model, comm, DualScope(local_frames=8, global_frames=16))
     handle.begin(run_frames)                 # frames (model time steps) of every rank's run, for one video
@@ -35,13 +37,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from hpcvid.dist import Comm
+from hpcvid.dist import Comm, Pending
 
 NEG_INF = float("-inf")
 PAPER_LOCAL_FRAMES = 8          # METHODS.md §4: p
@@ -143,42 +144,40 @@ class ClipParallel:
             return 0
         return min(max(1, self.scope.global_frames // self.comm.world_size), min(self.run_frames))
 
-    def _timed_exchange(self, send: torch.Tensor, peer: int, shape: Sequence[int]) -> torch.Tensor:
-        out = torch.empty(shape, dtype=send.dtype, device=send.device)
-        start = time.perf_counter()
-        self.comm.exchange_tensor(send, peer, out)
-        self.stats.seconds += time.perf_counter() - start
-        self.stats.bytes_sent += send.numel() * send.element_size()
-        return out
+    def start(self, kv: torch.Tensor) -> Callable[[], tuple]:
+        """Post the three rounds for kv (2, R, H, L, d) without waiting, and return finish() -> (global keys and
+        values (2, R, H, world*g, d) in time order or None, left halo, right halo): the left rank's last frames and
+        the right rank's first ones (`halo` of each), None where there is no such rank.
 
-    def neighbours(self, kv: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Rounds 2 and 3: (left halo, right halo) = the left rank's last frames and the right rank's first ones
-        (`halo` of each), of kv (2, R, H, L, d) along L; None where there is no such rank."""
-        rank, world = self.comm.rank, self.comm.world_size
-        left = right = None
-        mine = self.halo(rank)
-        if mine == 0 or world == 1:
-            return left, right
-        for round_parity in (1, 0):                  # round 2: odd ranks pair with rank + 1; round 3: even ranks
-            if rank % 2 == round_parity and rank + 1 < world:
-                shape = (*kv.shape[:3], self.halo(rank + 1), kv.shape[-1])
-                right = self._timed_exchange(kv[..., -mine:, :].contiguous(), rank + 1, shape)
-            elif rank % 2 != round_parity and rank >= 1:
-                shape = (*kv.shape[:3], self.halo(rank - 1), kv.shape[-1])
-                left = self._timed_exchange(kv[..., :mine, :].contiguous(), rank - 1, shape)
-        return left, right
-
-    def global_keys(self, kv: torch.Tensor, g: int) -> Optional[torch.Tensor]:
-        """Round 1: (2, R, H, world*g, d), every rank's g uniform picks in time order; None when g = 0."""
-        if g == 0:
-            return None
-        mine = kv[..., uniform_picks(kv.shape[-2], g), :].contiguous()                # (2, R, H, g, d)
+        Round 1 gathers every rank's g uniform picks; round 2 pairs odd ranks with rank + 1, round 3 even ranks
+        with rank + 1. Posted non-blocking, they travel together while the caller computes; the seconds counted
+        are those spent posting and waiting."""
+        comm, rank, world = self.comm, self.comm.rank, self.comm.world_size
         start = time.perf_counter()
-        gathered = self.comm.all_gather_tensor(mine) if self.comm.world_size > 1 else mine[None]
+        g, mine = self.picks_per_rank, self.halo(self.comm.rank)
+        gathered = None
+        if g:
+            picks = kv[..., uniform_picks(kv.shape[-2], g), :].contiguous()           # (2, R, H, g, d)
+            gathered = comm.start_all_gather(picks) if world > 1 else Pending(lambda: picks[None])
+            self.stats.bytes_sent += picks.numel() * picks.element_size() if world > 1 else 0
+        halos = {}
+        for round_parity in (1, 0) if mine and world > 1 else ():
+            for side, peer, part in (("right", rank + 1, kv[..., -mine:, :]), ("left", rank - 1, kv[..., :mine, :])):
+                if (side == "right") == (rank % 2 == round_parity) and 0 <= peer < world:
+                    out = kv.new_empty(*kv.shape[:3], self.halo(peer), kv.shape[-1])
+                    halos[side] = comm.start_exchange(part.contiguous(), peer, out)
+                    self.stats.bytes_sent += part.numel() * part.element_size()
         self.stats.seconds += time.perf_counter() - start
-        if self.comm.world_size > 1:
-            self.stats.bytes_sent += mine.numel() * mine.element_size()
-        return gathered.permute(1, 2, 3, 0, 4, 5).flatten(3, 4)                     # (2, R, H, world g, d)
+        self.stats.calls += 1
+
+        def finish() -> tuple:
+            waited = time.perf_counter()
+            glob = None if gathered is None else gathered.wait().permute(1, 2, 3, 0, 4, 5).flatten(3, 4)
+            left, right = (halos[side].wait() if side in halos else None for side in ("left", "right"))
+            self.stats.seconds += time.perf_counter() - waited
+            return glob, left, right
+
+        return finish
 
 
 # ---------------------------------------------------------------------------------------------------- attention
@@ -207,50 +206,53 @@ class DualScopeAttention(nn.Module):
                              f"frames and {rows} rows; the run must be whole windows (to_windows(x, {L // T or 1}))")
         R, Hh, d = rows // n, att.heads, att.head_dim
         seq = h.view(n, R, T, C).transpose(0, 1).reshape(R, L, C)                   # (R, L, C): frames in order
-        q = att.to_q(seq).view(R, L, Hh, d).transpose(1, 2)                          # (R, H, L, d)
         kv = att.to_kv(seq).view(R, L, 2, Hh, d).permute(2, 0, 3, 1, 4)              # (2, R, H, L, d)
+        finish = cp.start(kv)                          # the border and global frames travel while we compute
 
-        p, g = cp.scope.local_frames, cp.picks_per_rank
-        glob = cp.global_keys(kv, g)                                                 # (2, R, H, G, d) or None
-        left, right = cp.neighbours(kv)                                              # (2, R, H, <= p, d) or None
+        # this run's keys: window w's queries against its frames +-p (frames outside the run come in `finish`)
+        q = att.to_q(seq).view(R, L, Hh, d).transpose(1, 2).reshape(R, Hh, n, T, d)  # (R, H, n, T, d)
+        p = min(cp.scope.local_frames, L - 1)
+        pad = kv.new_zeros(*kv.shape[:3], p, d)
+        own = torch.cat([pad, kv, pad], dim=3).unfold(3, T + 2 * p, T).transpose(-1, -2)   # (2, R, H, n, T+2p, d)
+        logits = [q @ own[0].transpose(-1, -2) / math.sqrt(d)]                       # (R, H, n, T, T + 2p)
+        values = [own[1]]
+
+        glob, left, right = finish()                   # the keys every window shares: halos, then global frames
+        shared = [x for x in (left, right, glob) if x is not None]
+        if shared:
+            other = torch.cat(shared, dim=3)[:, :, :, None]                          # (2, R, H, 1, K_o, d)
+            logits.append(q @ other[0].transpose(-1, -2) / math.sqrt(d))             # (R, H, n, T, K_o)
+            values.append(other[1])
         hl, hr = (0 if x is None else x.shape[3] for x in (left, right))
-        p = min(p, L - 1 + max(hl, hr))               # no key lies further away: pad no more than that
-        parts = [kv.new_zeros(*kv.shape[:3], p - hl, d), left, kv, right, kv.new_zeros(*kv.shape[:3], p - hr, d)]
-        padded = torch.cat([x for x in parts if x is not None], dim=3)               # (2, R, H, p + L + p, d)
-        local = padded.unfold(3, T + 2 * p, T).transpose(-1, -2)                    # (2, R, H, n, T + 2p, d)
-        keys = local if glob is None else torch.cat(
-            [local, glob[:, :, :, None].expand(-1, -1, -1, n, -1, -1)], dim=4)       # (2, R, H, n, T + 2p + G, d)
-        G = 0 if glob is None else glob.shape[3]
-        bias, counts = self._bias(n, T, p, G, hl, hr, q.device)                      # (n, T, K), (n, T)
-
-        q = q.view(R, Hh, n, T, d)                                                   # (R, H, n, T, d)
+        bias, counts = self._bias(n, T, p, L, hl, hr, 0 if glob is None else glob.shape[3], q.device)
+        logits = torch.cat(logits, dim=-1)                                           # (R, H, n, T, K)
         if cp.scope.length_scaling and T > 1:
-            q = q * (counts.log() / math.log(T)).to(q.dtype)[..., None]              # per query: log(keys)/log(T)
-        out = F.scaled_dot_product_attention(q, keys[0], keys[1], attn_mask=bias.to(q.dtype))   # (R, H, n, T, d)
+            logits = logits * (counts.log() / math.log(T)).to(logits.dtype)[..., None]   # log(keys) / log(T)
+        weights = torch.softmax(logits.float() + bias, dim=-1).to(kv.dtype)          # (R, H, n, T, K)
+        split = list(weights.split([v.shape[-2] for v in values], dim=-1))
+        out = sum(w @ v for w, v in zip(split, values))                              # (R, H, n, T, d)
         out = out.permute(2, 0, 3, 1, 4).reshape(n * R, T, Hh * d)                   # (n R, T, H d): window-major
         return att.proj(out)                                                         # (n R, T, C)
 
-    def _bias(self, n: int, T: int, p: int, G: int, hl: int, hr: int,
+    def _bias(self, n: int, T: int, p: int, L: int, hl: int, hr: int, G: int,
               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Additive logits (n, T, T + 2p + G) and each query's key count (n, T).
+        """Additive logits (n, T, K) in the key order of `forward` (own block, left halo, right halo, global) and
+        each query's key count (n, T).
 
-        Local key j of window w is padded frame w*T + j, i.e. run frame w*T + j - p; query i is run frame w*T + i.
-        It is a key when |j - p - i| <= p and the frame exists: run frames -hl .. L + hr - 1, with hl / hr the halos
-        received (0 at an end of the video, where the padding is zeros).
+        Query i of window w is run frame w*T + i. Own key j of window w is run frame w*T + j - p, a key when it lies
+        in the run; halo keys are run frames -hl .. -1 and L .. L + hr - 1. A local key counts when it is within
+        local_frames of the query; global keys always count.
         """
         cp = self.handle
-        L = n * T
-        i = torch.arange(T, device=device)[:, None]                                  # (T, 1)
-        j = torch.arange(T + 2 * p, device=device)[None, :]                          # (1, T + 2p)
-        frame = torch.arange(n, device=device)[:, None, None] * T + j[None] - p      # (n, 1, T + 2p): run frame
-        near = ((j - p - i).abs() <= p)[None]                                        # (1, T, T + 2p)
-        exists = (frame >= -hl) & (frame < L + hr)                                   # (n, 1, T + 2p)
-        allowed = near & exists                                                      # (n, T, T + 2p)
+        query = (torch.arange(n, device=device)[:, None] * T + torch.arange(T, device=device)[None])[..., None]
+        own = torch.arange(n, device=device)[:, None, None] * T + torch.arange(T + 2 * p, device=device) - p
+        halo = torch.cat([torch.arange(-hl, 0, device=device), torch.arange(L, L + hr, device=device)])
+        near = torch.cat([((own - query).abs() <= cp.scope.local_frames) & (own >= 0) & (own < L),
+                          (halo - query).abs() <= cp.scope.local_frames], dim=-1)          # (n, T, T + 2p + hl + hr)
         noisy = cp.time < cp.scope.global_until
-        local = torch.where(allowed, 0.0 if noisy else cp.scope.bias, NEG_INF)       # (n, T, T + 2p)
+        local = torch.where(near, 0.0 if noisy else cp.scope.bias, NEG_INF)
         glob = torch.full((n, T, G), cp.scope.bias if noisy else 0.0, device=device)
-        counts = allowed.sum(-1).float() + G                                         # (n, T)
-        return torch.cat([local, glob], dim=-1), counts
+        return torch.cat([local, glob], dim=-1), near.sum(-1).float() + G
 
 
 # ---------------------------------------------------------------------------------------------------- applying it
