@@ -128,14 +128,6 @@ class Comm(abc.ABC):
         parts = torch.stack(self.all_gather(t.detach().cpu())).to(t.device)
         return Pending(lambda: parts)
 
-    def exchange_tensor(self, t, peer: int, out, tag: int = 0):
-        """`start_exchange` and wait for it; returns `out`."""
-        return self.start_exchange(t, peer, out, tag).wait()
-
-    def all_gather_tensor(self, t):
-        """`start_all_gather` and wait for it: (world_size, *t.shape) in rank order."""
-        return self.start_all_gather(t).wait()
-
 
 class Pending:
     """Communication in flight: `wait()` finishes it (once) and returns its result. `keep`: buffers the transport

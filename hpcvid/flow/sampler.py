@@ -77,15 +77,18 @@ class KnownFrames:
 
         keep = KnownFrames(flow, values, index=[0], generator=g)     # values (B, C, len(index), H, W), clean
         video = sample(flow, velocity_fn, shape, keep=keep)           # video[:, :, 0] == values[:, :, 0]
+
+    index defaults to the first values.shape[2] frames, batch (the rows of x they belong to) to the first B rows.
     """
 
-    def __init__(self, flow: PyramidalFlow, values: torch.Tensor, index: Sequence[int],
+    def __init__(self, flow: PyramidalFlow, values: torch.Tensor, index: Optional[Sequence[int]] = None,
                  generator: Optional[torch.Generator] = None, batch: Optional[Sequence[int]] = None):
-        if values.dim() != 5 or values.shape[2] != len(index):
-            raise ValueError(f"KnownFrames: values must be (B, C, {len(index)}, H, W) for index {list(index)}, got "
+        index = list(range(values.shape[2])) if index is None and values.dim() == 5 else index
+        if values.dim() != 5 or index is None or values.shape[2] != len(index):
+            raise ValueError(f"KnownFrames: values must be (B, C, len(index), H, W) for index {index}, got "
                              f"{tuple(values.shape)}")
         self.flow, self.values, self.index = flow, values, list(index)
-        self.batch = list(range(values.shape[0])) if batch is None else list(batch)   # rows of x they belong to
+        self.batch = list(range(values.shape[0])) if batch is None else list(batch)
         self.noise = standard_normal(values.shape, generator, values.device, values.dtype)
 
     def __call__(self, x: torch.Tensor, t: float, stage: int) -> torch.Tensor:

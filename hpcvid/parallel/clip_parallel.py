@@ -112,7 +112,6 @@ def from_windows(x: torch.Tensor, windows: int) -> torch.Tensor:
 class CommStats:
     seconds: float = 0.0        # waiting in the exchanges (communication and the skew between ranks)
     bytes_sent: int = 0
-    calls: int = 0              # temporal-attention calls that exchanged
 
 
 @dataclass
@@ -169,7 +168,6 @@ class ClipParallel:
                     self.stats.bytes_sent += part.numel() * part.element_size()
         talks = world > 1                              # one rank: nothing to count
         self.stats.seconds += (time.perf_counter() - start) * talks
-        self.stats.calls += talks
 
         def finish() -> tuple:
             waited = time.perf_counter()

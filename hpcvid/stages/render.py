@@ -164,7 +164,7 @@ class VideoJob:
                 values = out[start:start + known] if known else (self.image[None] if start == 0 and
                                                                  self.image is not None else None)
                 keep = None if values is None else KnownFrames(flow, values.transpose(0, 1)[None],
-                                                               list(range(len(values))), self.generator)
+                                                               generator=self.generator)
                 x = self._sample(m.keyframe, m.kmeta, (1, 3, K, H, W), [start], keep=keep)   # (1, 3, K, H, W)
                 out[start:start + K] = x[0].transpose(0, 1).clamp(-1, 1)
 
@@ -174,10 +174,9 @@ class VideoJob:
         m.key_handle.begin([b - a for a, b in self.plan.runs])
         keep = None
         if known is not None:
-            keep = KnownFrames(flow, known.view(n, K, 3, H, W).transpose(1, 2), list(range(K)), self.generator,
-                               batch=list(range(n)))
+            keep = KnownFrames(flow, known.view(n, K, 3, H, W).transpose(1, 2), generator=self.generator)
         elif self.image is not None and self.first == 0:
-            keep = KnownFrames(flow, self.image[None, :, None], [0], self.generator, batch=[0])
+            keep = KnownFrames(flow, self.image[None, :, None], generator=self.generator)   # frame 0 of window 0
         x = self._sample(m.keyframe, m.kmeta, (n, 3, K, H, W), range(self.first, self.stop, K), m.key_handle,
                          keep=keep)                                         # (n, 3, K, H, W): windows as a batch
         return x.clamp(-1, 1).transpose(1, 2).reshape(n * K, 3, H, W)
@@ -209,7 +208,7 @@ class VideoJob:
                 keep = None
                 if known:
                     values = out[start:start + known].permute(1, 0, 2, 3, 4).reshape(1, C, known * Tp, h, w)
-                    keep = KnownFrames(flow, values, list(range(known * Tp)), self.generator)
+                    keep = KnownFrames(flow, values, generator=self.generator)
                 x = self._sample(m.motion, m.mmeta, (1, C, K * Tp, h, w), [start], cond=cond, keep=keep)
                 out[start:stop] = x[0].view(C, K, Tp, h, w).transpose(0, 1)
 
@@ -226,7 +225,7 @@ class VideoJob:
         keep = None
         if known is not None:
             values = known.view(n, K, C, Tp, h, w).transpose(1, 2).reshape(n, C, K * Tp, h, w)
-            keep = KnownFrames(flow_of(m.mmeta), values, list(range(K * Tp)), self.generator, batch=list(range(n)))
+            keep = KnownFrames(flow_of(m.mmeta), values, generator=self.generator)
         x = self._sample(m.motion, m.mmeta, (n, C, K * Tp, h, w), range(self.first, self.stop, K),
                          m.motion_handle, cond=cond, keep=keep)             # (n, C, K T', h, w)
         return x.view(n, C, K, Tp, h, w).transpose(1, 2).reshape(n * K, C, Tp, h, w)
@@ -291,7 +290,8 @@ def render_video(spec: RenderSpec, m: Models, request: VideoRequest, comm: Comm,
     folder = Path(spec.output) / request.name
     windows = [m.key_window, m.motion_window]
     plan = Plan.make(spec.clips, windows, spec.segment_clips, comm.world_size)
-    resumed = _agree(comm, lambda: check_plan(folder, _fingerprint(spec, m, request)))
+    settings = _fingerprint(spec, m, request)          # hashes the image once per video
+    resumed = _agree(comm, lambda: check_plan(folder, settings))
     job = VideoJob(spec, m, request, comm, plan)
     C, Tp, h, w = m.latent
     stores = {"keyframes": RangeStore(folder / "keyframes", (3, *m.size)),
@@ -324,11 +324,11 @@ def render_video(spec: RenderSpec, m: Models, request: VideoRequest, comm: Comm,
     ranks = comm.all_gather(mine)                       # also: every segment is on disk past this point
     if comm.rank != 0:
         return None
-    return _finish(spec, m, request, plan, folder, ranks, resumed, start)
+    return _finish(spec, m, request, plan, folder, ranks, resumed, start, settings)
 
 
 def _finish(spec, m: Models, request, plan: Plan, folder: Path, ranks: list[dict], resumed: bool,
-            start: float) -> dict[str, Any]:
+            start: float, settings: dict[str, Any]) -> dict[str, Any]:
     """Rank 0: join the segments, verify and measure the result, write report.json and sheet.png."""
     from hpcvid.data.video import join_mp4
     from hpcvid.train.pictures import contact_sheet, write_png
@@ -358,7 +358,7 @@ def _finish(spec, m: Models, request, plan: Plan, folder: Path, ranks: list[dict
               "segments": len(parts), "resumed": resumed, "per_rank": ranks, "communication_seconds": round(comm_s, 3),
               "communication_share": round(comm_s / busy, 4) if busy else 0.0, "join_seconds": join_seconds,
               "seams": seams, "seconds": seconds, "frames_per_second": round(seams["frames"] / seconds, 2),
-              "settings": _fingerprint(spec, m, request)}
+              "settings": settings}
     atomic_write_json(folder / "report.json", report)
     return report
 
